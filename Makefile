@@ -1,0 +1,33 @@
+# Two set-up commands on a fresh clone: `make demo` and `make test` (README).
+# Both create .venv when missing and install the pinned environment into it.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: venv test demo bench data clean
+
+$(STAMP): requirements-dev.txt pyproject.toml setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m orthograd_fast.demo
+
+bench: $(STAMP)
+	$(PY) -m pytest -q bench/bench_projection.py --benchmark-only --benchmark-columns=median,iqr,rounds
+
+# Fashion-MNIST from Debian's package (real 60k+10k images under /usr/share/datasets).
+data:
+	@test -d /usr/share/datasets/fashion-mnist || (apt-get install -y dataset-fashion-mnist || sudo apt-get install -y dataset-fashion-mnist)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

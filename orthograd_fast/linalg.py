@@ -1,0 +1,98 @@
+"""The tiny fp64 linear algebra every projection shares (DESIGN.md §3).
+
+Given the Gram K = G Gᵀ of B vectors (fp64, (B, B)), build the pseudo-inverse of K on its
+numerical rank, decided scale-free on the cosine matrix:
+
+    d = diag(K);  rows with d == 0 are dropped (a zero gradient spans nothing)
+    C = D^-1/2 K D^-1/2            (D = diag(d) on the kept rows; C = Ĝ Ĝᵀ, Ĝ row-normalised)
+    C = V diag(λ) Vᵀ               (eigh, fp64)
+    keep k with σ_k = sqrt(λ_k) > rtol · σ_max      (σ: singular values of Ĝ)
+    K⁺ = D^-1/2 V_k diag(1/λ_k) V_kᵀ D^-1/2
+
+Then c = K⁺ b solves K c = b on that subspace, and g - Gᵀc is g with its component in the
+kept span of G removed. A row with a tiny norm still counts as a direction (cosines do not
+see scale), unlike a threshold on K itself.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Default rank tolerances on σ/σ_max of the row-normalised G, by the dtype the Gram is
+# accumulated from and the precision mode. See README "Numerics" for the measurements.
+_DEFAULT_RTOL = {
+    ("fast", torch.float64): 1e-10,
+    ("high", torch.float64): 1e-10,
+    ("fast", torch.float32): 1e-5,
+    ("high", torch.float32): 1e-7,
+    ("fast", torch.float16): 1e-3,
+    ("high", torch.float16): 1e-3,
+    ("fast", torch.bfloat16): 1e-2,
+    ("high", torch.bfloat16): 1e-2,
+}
+
+
+def default_rtol(dtype: torch.dtype, precision: str = "fast") -> float:
+    """Rank tolerance used when ``rtol=None``: a function of the input dtype and precision."""
+    try:
+        return _DEFAULT_RTOL[(precision, dtype)]
+    except KeyError:
+        raise ValueError(f"no default rtol for dtype={dtype}, precision={precision!r}") from None
+
+
+@dataclass
+class GramSolve:
+    """Pseudo-inverse of a Gram matrix on its numerical rank.
+
+    pinv: (B, B) fp64 K⁺; rank: number of kept directions; sigma: (B,) singular values of
+    the row-normalised G, descending (zeros for dropped zero rows); kept: (B,) bool rows
+    with non-zero norm.
+    """
+
+    pinv: torch.Tensor
+    rank: int
+    sigma: torch.Tensor
+    kept: torch.Tensor
+
+    def coefficients(self, b: torch.Tensor) -> torch.Tensor:
+        """c = K⁺ b, fp64 (B,)."""
+        return self.pinv @ b.to(self.pinv.dtype)
+
+
+def gram_pinv(K: torch.Tensor, rtol: float) -> GramSolve:
+    """Pseudo-inverse of the fp64 Gram K (B, B) on the rank decided by ``rtol`` (module doc)."""
+    if K.dtype != torch.float64:
+        raise ValueError(f"gram_pinv expects an fp64 Gram, got {K.dtype}")
+    B = K.shape[0]
+    K = 0.5 * (K + K.T)
+    d = torch.diagonal(K).clone()
+    kept = d > 0
+    pinv = torch.zeros_like(K)
+    sigma = torch.zeros(B, dtype=K.dtype, device=K.device)
+    idx = kept.nonzero().flatten()
+    if idx.numel() == 0:
+        return GramSolve(pinv, 0, sigma, kept)
+    inv_sqrt_d = d[idx].rsqrt()
+    C = K[idx][:, idx] * inv_sqrt_d[:, None] * inv_sqrt_d[None, :]
+    lam, V = torch.linalg.eigh(C)  # ascending
+    lam, V = lam.flip(0), V.flip(1)
+    lam_max = lam[0].clamp_min(0)
+    keep = lam > (rtol * rtol) * lam_max
+    if lam_max <= 0:
+        keep = torch.zeros_like(keep)
+    rank = int(keep.sum())
+    Vk = V[:, keep] * inv_sqrt_d[:, None]  # D^-1/2 V_k
+    sub = (Vk / lam[keep]) @ Vk.T
+    pinv[idx[:, None], idx[None, :]] = sub
+    sigma[: lam.numel()] = lam.clamp_min(0).sqrt()
+    return GramSolve(pinv, rank, sigma, kept)
+
+
+def check_finite(K: torch.Tensor, b: torch.Tensor | None = None, what: str = "G or g") -> None:
+    """Raise a clear ValueError when NaN/Inf reached the Gram (it shows up there for free)."""
+    bad = not bool(torch.isfinite(K).all())
+    if b is not None:
+        bad = bad or not bool(torch.isfinite(b).all())
+    if bad:
+        raise ValueError(f"non-finite values (NaN or Inf) in {what}: the Gram/inner products are not finite")

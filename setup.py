@@ -1,0 +1,11 @@
+"""Packaging: the top-level ``kernels/`` folder installs as ``orthograd_fast.kernels``.
+
+No GPU detection here (STYLE.md): the Triton kernels compile on first use, and the optional
+CUDA C++ sources in ``csrc/`` are JIT-built lazily, so installing never needs a GPU.
+"""
+from setuptools import setup
+
+setup(
+    packages=["orthograd_fast", "orthograd_fast.kernels"],
+    package_dir={"orthograd_fast": "orthograd_fast", "orthograd_fast.kernels": "kernels"},
+)
