@@ -19,26 +19,37 @@ from dataclasses import dataclass
 
 import torch
 
-# Default rank tolerances on σ/σ_max of the row-normalised G, by the dtype the Gram is
-# accumulated from and the precision mode. See README "Numerics" for the measurements.
+# Default rank tolerances on σ/σ_max of the row-normalised G (DESIGN.md §3), by the
+# narrowest dtype of G. Two floors set them (measured, README "Numerics"): the data's own
+# rounding (σ_noise/σ_max ≈ 0.2·u: 1.3e-8 fp32, 1e-4 fp16, 8e-4 bf16) and the fp64
+# Gram's (≈ 2e-8). A kept direction at the Gram floor can have its eigenvalue
+# *under*-estimated, which blows up its coefficient (measured: ‖r‖ = 1e3·‖g‖ at rtol
+# 1e-10), so every threshold sits at least 5x above both floors.
 _DEFAULT_RTOL = {
-    ("fast", torch.float64): 1e-10,
-    ("high", torch.float64): 1e-10,
-    ("fast", torch.float32): 1e-5,
-    ("high", torch.float32): 1e-7,
-    ("fast", torch.float16): 1e-3,
-    ("high", torch.float16): 1e-3,
-    ("fast", torch.bfloat16): 1e-2,
-    ("high", torch.bfloat16): 1e-2,
+    torch.float64: 1e-7,
+    torch.float32: 1e-7,
+    torch.float16: 1e-3,
+    torch.bfloat16: 1e-2,
 }
+
+# precision="fast" accumulates fp32 tiles, whose Gram resolves σ/σ_max only down to
+# ~3e-4. When the cosine spectrum reaches below FAST_SIGMA_FLOOR (10x that), the fp32
+# Gram cannot be trusted and the Gram is accumulated again in fp64 ("escalation").
+FAST_SIGMA_FLOOR = 3e-3
 
 
 def default_rtol(dtype: torch.dtype, precision: str = "fast") -> float:
-    """Rank tolerance used when ``rtol=None``: a function of the input dtype and precision."""
+    """Rank tolerance used when ``rtol=None``: a function of G's dtype (table above).
+
+    The same for both precisions: the rank is always decided on a Gram that resolves it
+    (precision="fast" escalates to fp64 accumulation below ``FAST_SIGMA_FLOOR``).
+    """
+    if precision not in ("fast", "high"):
+        raise ValueError(f"precision must be 'fast' or 'high', got {precision!r}")
     try:
-        return _DEFAULT_RTOL[(precision, dtype)]
+        return _DEFAULT_RTOL[dtype]
     except KeyError:
-        raise ValueError(f"no default rtol for dtype={dtype}, precision={precision!r}") from None
+        raise ValueError(f"no default rtol for dtype={dtype}") from None
 
 
 @dataclass
@@ -54,6 +65,15 @@ class GramSolve:
     rank: int
     sigma: torch.Tensor
     kept: torch.Tensor
+
+    @property
+    def sigma_ratio(self) -> float:
+        """σ_min/σ_max over the non-zero rows (1.0 when there are none): how close the
+        row-normalised G is to rank deficiency, whatever the threshold kept."""
+        n = int(self.kept.sum())
+        if n == 0 or self.sigma[0] <= 0:
+            return 1.0
+        return float(self.sigma[n - 1] / self.sigma[0])
 
     def coefficients(self, b: torch.Tensor) -> torch.Tensor:
         """c = K⁺ b, fp64 (B,)."""

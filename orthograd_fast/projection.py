@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .linalg import check_finite, default_rtol, gram_pinv
+from .linalg import FAST_SIGMA_FLOOR, check_finite, default_rtol, gram_pinv
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _BACKENDS = ("auto", "torch", "triton", "cuda")
@@ -31,8 +31,11 @@ class ProjectionInfo:
     """What ``project_orthogonal(..., return_info=True)`` reports.
 
     coefficients: (B,) fp64 c with r = g - Gᵀc; rank: numerical rank used; orthogonality:
-    ‖G r‖ / (‖G‖₂ ‖r‖) of the returned r (0 when r = 0); sigma: (B,) singular values of the
-    row-normalised G; rtol: the tolerance applied; backend: the backend that ran.
+    ‖G r‖ / (‖G‖₂ ‖r‖) of the returned r (0 when r = 0), measured during the last pass in
+    the work precision (fp32 tile sums for "fast": absolute accuracy ~1e-7); sigma: (B,) singular values of the
+    row-normalised G; rtol: the tolerance applied; backend: the backend that ran;
+    gram_dtype: the accumulation the solve used (precision="fast" escalates from fp32
+    tiles to fp64 when σ_min/σ_max < ``FAST_SIGMA_FLOOR``).
     """
 
     coefficients: torch.Tensor
@@ -41,6 +44,7 @@ class ProjectionInfo:
     sigma: torch.Tensor
     rtol: float
     backend: str
+    gram_dtype: torch.dtype
 
 
 # --------------------------------------------------------------------------------------
@@ -89,7 +93,7 @@ def _prepare(g, G):
         elif X.shape[0] != B:
             raise ValueError(f"every G must have the same leading dim B: element 0 has {B}, element {i} has {X.shape[0]}")
     flat_g = [x.reshape(-1) for x in gs]
-    flat_G = [X.reshape(B, -1) for X in Gs]
+    flat_G = [X.reshape(B, x.numel()) for x, X in zip(gs, Gs)]
     return flat_g, flat_G, [x.shape for x in gs], single, B, device
 
 
@@ -149,9 +153,10 @@ def project_orthogonal(
     concatenated vector. Returns g's structure, dtype and device; inputs are never modified.
 
     rtol: rank tolerance on σ_k/σ_max of the row-normalised G (None: ``default_rtol`` of
-    G's dtype and ``precision``). refine: refinement passes (each one more read of G).
-    precision: "fast" (fp32 tiles accumulated in fp64) or "high" (K, b and the combination
-    exact in fp64). backend: "auto" | "torch" | "triton" | "cuda". return_info: also return
+    G's dtype). refine: refinement passes (each one more read of G).
+    precision: "fast" (Gram from fp32 tiles summed in fp64, escalated to an fp64 Gram when
+    σ_min/σ_max < 3e-3; combination in fp32) or "high" (K, b and the combination exact in
+    fp64). fp64 inputs are always handled in fp64. backend: "auto" | "torch" | "triton" | "cuda". return_info: also return
     a :class:`ProjectionInfo`.
     """
     if precision not in _PRECISIONS:
@@ -161,7 +166,7 @@ def project_orthogonal(
     gs, Gs, shapes, single, B, device = _prepare(g, G)
     if rtol is None:
         narrowest = min((X.dtype for X in Gs), key=lambda d: torch.finfo(d).bits)
-        rtol = default_rtol(narrowest, precision)
+        rtol = default_rtol(narrowest)
     elif not (isinstance(rtol, (int, float)) and 0 <= rtol < 1):
         raise ValueError(f"rtol must be a float in [0, 1), got {rtol!r}")
     name = _pick_backend(backend, device)
@@ -177,12 +182,18 @@ def project_orthogonal(
                 raise ValueError("non-finite values (NaN or Inf) in g")
         rs = [x.clone() for x in gs]
         coef = torch.zeros(0, dtype=torch.float64, device=device)
-        info = ProjectionInfo(coef, 0, 0.0, coef.clone(), float(rtol), name)
+        info = ProjectionInfo(coef, 0, 0.0, coef.clone(), float(rtol), name, work)
         return _finish(rs, shapes, single, info if return_info else None)
 
     K, b, gg = ops.gram(gs, Gs, work)
     check_finite(K, torch.cat([b, gg.reshape(1)]))
     solve = gram_pinv(K, rtol)
+    gram_dtype = work
+    if work != torch.float64 and solve.sigma_ratio < FAST_SIGMA_FLOOR:
+        # the fp32-tile Gram cannot resolve this spectrum: accumulate it again in fp64
+        K, b, gg = ops.gram(gs, Gs, torch.float64)
+        solve = gram_pinv(K, rtol)
+        gram_dtype = torch.float64
     c = solve.coefficients(b)
     passes = refine + 1
     rs = gs
@@ -200,7 +211,7 @@ def project_orthogonal(
         norm_G = torch.linalg.eigvalsh(0.5 * (K + K.T))[-1].clamp_min(0).sqrt()
         denom = float(norm_G) * float(rr.sqrt())
         orth = float(Gr.norm()) / denom if denom > 0 else 0.0
-        info = ProjectionInfo(coef, solve.rank, orth, solve.sigma, float(rtol), name)
+        info = ProjectionInfo(coef, solve.rank, orth, solve.sigma, float(rtol), name, gram_dtype)
     return _finish(rs, shapes, single, info)
 
 
