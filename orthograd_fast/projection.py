@@ -153,7 +153,9 @@ def project_orthogonal(
     concatenated vector. Returns g's structure, dtype and device; inputs are never modified.
 
     rtol: rank tolerance on σ_k/σ_max of the row-normalised G (None: ``default_rtol`` of
-    G's dtype). refine: refinement passes (each one more read of G).
+    G's dtype). refine: at most this many refinement passes, each one more read of G; a
+    pass is skipped when the previous one measured orthogonality at the work precision's
+    floor (32·u).
     precision: "fast" (Gram from fp32 tiles summed in fp64, escalated to an fp64 Gram when
     σ_min/σ_max < 3e-3; combination in fp32) or "high" (K, b and the combination exact in
     fp64). fp64 inputs are always handled in fp64. backend: "auto" | "torch" | "triton" | "cuda". return_info: also return
@@ -195,24 +197,33 @@ def project_orthogonal(
         solve = gram_pinv(K, rtol)
         gram_dtype = torch.float64
     c = solve.coefficients(b)
+    norm_G = float(torch.linalg.eigvalsh(0.5 * (K + K.T))[-1].clamp_min(0).sqrt())
+    # A refinement pass is skipped when the pass before it already measured orthogonality
+    # at the work precision's floor and wrote the output dtype (nothing left to gain).
+    skip_below = 32 * torch.finfo(work).eps / 2
     passes = refine + 1
     rs = gs
     coef = torch.zeros_like(c)
     Gr = rr = None
     for i in range(passes):
         last = i == passes - 1
-        dtypes = out_dtypes if last else [work] * len(gs)
+        dtypes = out_dtypes if last or all(d == work for d in out_dtypes) else [work] * len(gs)
         rs, Gr, rr = ops.combine(rs, Gs, c, work, dtypes, want_Gr=(not last) or return_info)
         coef += c
-        if not last:
-            c = solve.coefficients(Gr)
+        if last or (dtypes == out_dtypes and _orthogonality(Gr, rr, norm_G) <= skip_below):
+            break
+        c = solve.coefficients(Gr)
     info = None
     if return_info:
-        norm_G = torch.linalg.eigvalsh(0.5 * (K + K.T))[-1].clamp_min(0).sqrt()
-        denom = float(norm_G) * float(rr.sqrt())
-        orth = float(Gr.norm()) / denom if denom > 0 else 0.0
+        orth = _orthogonality(Gr, rr, norm_G)
         info = ProjectionInfo(coef, solve.rank, orth, solve.sigma, float(rtol), name, gram_dtype)
     return _finish(rs, shapes, single, info)
+
+
+def _orthogonality(Gr: torch.Tensor, rr: torch.Tensor, norm_G: float) -> float:
+    """‖G r‖ / (‖G‖₂ ‖r‖) from a combine pass's G r and ‖r‖² (0 when r = 0)."""
+    denom = norm_G * float(rr.sqrt())
+    return float(Gr.norm()) / denom if denom > 0 else 0.0
 
 
 def _finish(rs, shapes, single, info):
