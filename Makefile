@@ -22,8 +22,14 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m orthograd_fast.demo
 
-bench: $(STAMP)
-	$(PY) -m pytest -q bench/bench_projection.py --benchmark-only --benchmark-columns=median,iqr,rounds
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP) requirements-bench.txt
+	$(PY) -m pip install -q -r requirements-bench.txt
+	$(PY) -m pip install -q --no-deps backpack-for-pytorch==1.7.1
+	@touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider bench/bench_projection.py --benchmark-columns=median,iqr,rounds
 
 # Fashion-MNIST from Debian's package (real 60k+10k images under /usr/share/datasets).
 data:
