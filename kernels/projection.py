@@ -212,7 +212,7 @@ def gram_partials(g, G, K_part, b_part, gg_part, high: bool, tiles_per_split: in
 
 def _split_plan(P: int, block_p: int, programs_per_split: int, device: torch.device):
     n_tiles = max(1, triton.cdiv(P, block_p))
-    target = max(1, (4 * _num_sms(device)) // programs_per_split)
+    target = max(1, (2 * _num_sms(device)) // programs_per_split)
     n_split = min(n_tiles, target)
     tiles_per_split = triton.cdiv(n_tiles, n_split)
     return triton.cdiv(n_tiles, tiles_per_split), tiles_per_split
