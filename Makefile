@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo bench data clean
+.PHONY: venv test demo demo-fmnist bench data clean
 
 $(STAMP): requirements-dev.txt pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,14 @@ venv: $(STAMP)
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
+# The main job on the embedded digits data: the projection figures on real gradients,
+# then the unlearning comparison (all methods, 3 seeds, retain set of 64, table + plot).
 demo: $(STAMP)
 	$(PY) -m orthograd_fast.demo
+	$(PY) -m orthograd_fast.cli compare --data digits --forget class:3 --methods all --seeds 3 --retain-size 64
+
+demo-fmnist: $(STAMP) data
+	$(PY) -m orthograd_fast.cli unlearn --data fashion-mnist --forget class:3 --method orthograd
 
 BENCH_STAMP := $(VENV)/.bench-installed
 $(BENCH_STAMP): $(STAMP) requirements-bench.txt
