@@ -1,0 +1,238 @@
+"""Small models trained from scratch, and a disk cache for the original and retrain models.
+
+* ``mlp``: Flatten -> [Linear -> ReLU] * len(hidden) -> Linear. Digits default hidden
+  (128,) (9.6k params); Fashion-MNIST (256,) (203k params).
+* ``cnn``: two 3x3 conv (16, 32 channels, ReLU, 2x2 max-pool after each) -> Linear.
+
+Training recipe (``TrainConfig``): SGD with momentum 0.9, weight decay 5e-4, cosine
+learning-rate decay, cross-entropy, shuffled mini-batches; fully seeded.
+
+The original model (trained on all of D_train) and the retrain oracle (same recipe, fresh
+init, D_r only) are cached as ``<cache>/<kind>-<key>.pt`` where key hashes the dataset
+fingerprint, the training indices, the model and training configs and the seed. Cache dir:
+``$ORTHOGRAD_FAST_CACHE`` or ``~/.cache/orthograd_fast``.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .data import Dataset
+
+ARCHS = ("mlp", "cnn")
+_CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture: arch "mlp" (hidden widths) or "cnn" (channels of the two convs)."""
+
+    arch: str = "mlp"
+    hidden: tuple[int, ...] = (128,)
+    channels: tuple[int, int] = (16, 32)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training recipe: epochs over the training set, batch size, SGD lr/momentum/wd."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+
+DEFAULTS = {
+    "digits": (ModelConfig("mlp", (128,)), TrainConfig(epochs=30, batch_size=64, lr=0.05)),
+    "fashion-mnist": (ModelConfig("mlp", (256,)), TrainConfig(epochs=4, batch_size=128, lr=0.05)),
+}
+
+
+def default_configs(dataset_name: str, arch: str = "mlp") -> tuple[ModelConfig, TrainConfig]:
+    """The recipe used by the CLI for a dataset (and arch)."""
+    base = dataset_name.split("[")[0]
+    mcfg, tcfg = DEFAULTS.get(base, DEFAULTS["digits"])
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
+    if arch != mcfg.arch:
+        mcfg = ModelConfig(arch, mcfg.hidden, mcfg.channels)
+    return mcfg, tcfg
+
+
+class MLP(nn.Sequential):
+    """(N, *input_shape) -> (N, num_classes) logits."""
+
+    def __init__(self, input_shape, num_classes: int, hidden=(128,)):
+        layers: list[nn.Module] = [nn.Flatten()]
+        width = int(np.prod(input_shape))
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+        super().__init__(*layers)
+
+
+class SmallCNN(nn.Sequential):
+    """(N, C, H, W) -> (N, num_classes): conv3x3-ReLU-pool2 twice, then Linear."""
+
+    def __init__(self, input_shape, num_classes: int, channels=(16, 32)):
+        c, h, w = input_shape
+        c1, c2 = channels
+        super().__init__(
+            nn.Conv2d(c, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(c2 * (h // 4) * (w // 4), num_classes),
+        )
+
+
+def build_model(cfg: ModelConfig, input_shape, num_classes: int, seed: int = 0) -> nn.Module:
+    """A freshly initialised model (init seeded by ``seed``)."""
+    if cfg.arch not in ARCHS:
+        raise ValueError(f"unknown arch {cfg.arch!r}; choose one of {ARCHS}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if cfg.arch == "mlp":
+            return MLP(input_shape, num_classes, cfg.hidden)
+        return SmallCNN(input_shape, num_classes, cfg.channels)
+
+
+def reinitialize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Reset every submodule that has ``reset_parameters`` (in place, seeded); returns model."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in model.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    return model
+
+
+def train_model(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    *,
+    seed: int = 0,
+    progress: bool = False,
+    desc: str = "train",
+) -> nn.Module:
+    """Train ``model`` in place on (x (N, ...), y (N,)) with the ``cfg`` recipe; returns it."""
+    from tqdm.auto import tqdm
+
+    if len(y) == 0:
+        raise ValueError("cannot train on an empty set")
+    gen = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    n = len(y)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total = cfg.epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / max(total, 1))))
+    model.train()
+    bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False, unit="ep")
+    for _ in bar:
+        perm = torch.randperm(n, generator=gen)
+        for s in range(steps_per_epoch):
+            idx = perm[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    model.eval()
+    return model
+
+
+# --------------------------------------------------------------------------------------
+# cache
+# --------------------------------------------------------------------------------------
+def cache_dir(path: str | os.PathLike | None = None) -> Path:
+    """The model cache folder: ``path``, else $ORTHOGRAD_FAST_CACHE, else ~/.cache/orthograd_fast."""
+    if path is None:
+        path = os.environ.get("ORTHOGRAD_FAST_CACHE") or Path.home() / ".cache" / "orthograd_fast"
+    return Path(path)
+
+
+def _key(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@dataclass
+class TrainedModel:
+    """A trained model with how it was made. seconds: training wall time (from the cache
+    file when loaded); cached: loaded from disk."""
+
+    model: nn.Module
+    key: str
+    seconds: float
+    cached: bool
+    meta: dict = field(default_factory=dict)
+
+
+def get_trained(
+    kind: str,
+    dataset: Dataset,
+    train_idx: np.ndarray,
+    mcfg: ModelConfig,
+    tcfg: TrainConfig,
+    *,
+    seed: int,
+    cache: str | os.PathLike | None | bool = None,
+    progress: bool = False,
+) -> TrainedModel:
+    """Train (or load from cache) a model on ``dataset.x_train[train_idx]``.
+
+    kind: a label ("original", "retrain") in the file name and progress bar. cache: a
+    folder, None for the default folder, or False to disable caching.
+    """
+    train_idx = np.asarray(train_idx, dtype=np.int64)
+    payload = {
+        "v": _CACHE_VERSION, "kind": kind, "data": dataset.fingerprint,
+        "idx": hashlib.sha256(train_idx.tobytes()).hexdigest()[:16],
+        "model": asdict(mcfg), "train": asdict(tcfg), "seed": seed,
+        "torch": torch.__version__.split("+")[0],
+    }
+    key = _key(payload)
+    model = build_model(mcfg, dataset.input_shape, dataset.num_classes, seed=seed)
+    path = None if cache is False else cache_dir(cache) / f"{kind}-{key}.pt"
+    if path is not None and path.is_file():
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(blob["state_dict"])
+            model.eval()
+            return TrainedModel(model, key, float(blob["seconds"]), True, payload)
+        except Exception:  # a corrupt or stale file is retrained and overwritten
+            model = build_model(mcfg, dataset.input_shape, dataset.num_classes, seed=seed)
+    t0 = time.perf_counter()
+    idx = torch.from_numpy(train_idx)
+    train_model(
+        model, dataset.x_train[idx], dataset.y_train[idx], tcfg,
+        seed=seed, progress=progress, desc=f"{kind} (seed {seed})",
+    )
+    seconds = time.perf_counter() - t0
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        torch.save({"state_dict": model.state_dict(), "seconds": seconds, "meta": payload}, tmp)
+        os.replace(tmp, path)
+    return TrainedModel(model, key, seconds, False, payload)
+
+
+def clone(model: nn.Module) -> nn.Module:
+    """A deep copy (the caller's model is never modified by the toolkit's comparisons)."""
+    return copy.deepcopy(model)
