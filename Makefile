@@ -36,6 +36,7 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.txt
 
 bench: $(BENCH_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider bench/bench_projection.py --benchmark-columns=median,iqr,rounds
+	$(PY) bench/bench_peers.py
 
 # Fashion-MNIST from Debian's package (real 60k+10k images under /usr/share/datasets).
 data:

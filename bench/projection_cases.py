@@ -2,14 +2,14 @@
 
 Run as a script, it measures one method's peak extra resident memory in a fresh process:
 ``python bench/projection_cases.py METHOD P B`` prints ``<extra MiB>`` = (peak RSS during
-the call) - (RSS with the inputs already allocated).
+the call) - (RSS with the inputs already allocated), see bench/memory.py.
 """
 from __future__ import annotations
 
-import resource
 import sys
 
 import torch
+from memory import PeakMemory
 
 from orthograd_fast import project_orthogonal
 from orthograd_fast import reference as ref
@@ -39,18 +39,12 @@ def orthogonality_chunked(r: torch.Tensor, G: torch.Tensor, chunk: int = 1 << 16
     return float(Gr.norm()) / (norm_G * float(r.double().norm()))
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
 def peak_extra_mib(method: str, P: int, B: int) -> float:
     g, G = make_inputs(P, B)
     METHODS[method](g[:1000], G[:, :1000])  # load libraries, warm allocator
-    before = _rss_mib()
-    METHODS[method](g, G)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
-    return max(0.0, peak - before)
+    with PeakMemory() as mem:
+        METHODS[method](g, G)
+    return mem.extra_mib
 
 
 if __name__ == "__main__":
