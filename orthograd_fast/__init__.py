@@ -24,10 +24,11 @@ def _attach_source_kernels() -> None:
 
 _attach_source_kernels()
 
+from .gram import SampleGram  # noqa: E402
 from .linalg import default_rtol  # noqa: E402
 from .orthograd import OrthoGrad  # noqa: E402
 from .projection import project_orthogonal  # noqa: E402
 from .unlearn import unlearn  # noqa: E402
 
-__all__ = ["project_orthogonal", "default_rtol", "OrthoGrad", "unlearn"]
+__all__ = ["project_orthogonal", "SampleGram", "OrthoGrad", "unlearn", "default_rtol"]
 __version__ = "0.1.0"

@@ -1,0 +1,349 @@
+"""What every SampleGram layer rule shares: the registry, the rule interface, segments, probes.
+
+A *rule* knows, for one module type, how to turn what a forward/backward pass shows at the
+module boundary (its input, the gradient of its output) into the per-segment Gram of the
+module's own parameters, the weighted gradient Σ_s w_s g_s, and a cheap *probe* of the
+summed gradient that the engine compares with autograd's (module docstring of
+``orthograd_fast.gram.engine``). Rules register by exact module type (Opacus style)::
+
+    @register_rule(nn.Linear)
+    class LinearRule(Rule): ...
+
+Exact type, not ``isinstance``: a subclass may override ``forward`` (LoRA wrappers,
+``NonDynamicallyQuantizableLinear`` used functionally by attention), so an unknown
+subclass goes to the exact fallback instead of a rule that may not match its forward.
+
+Notation used by all rules: N rows (dim 0 of the module input, one segment id each), S
+segments, rows with id -1 are ignored. A row may hold T positions (sequence, pixels); the
+per-row gradient of a parameter is the sum over its positions.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+_RULES: dict[type, type["Rule"]] = {}
+
+
+def register_rule(*module_types: type):
+    """Class decorator: serve ``module_types`` (matched exactly) with the decorated rule."""
+
+    def deco(cls):
+        for t in module_types:
+            _RULES[t] = cls
+        return cls
+
+    return deco
+
+
+def rule_class_for(module: nn.Module) -> type["Rule"] | None:
+    """The rule registered for ``type(module)``, or None."""
+    return _RULES.get(type(module))
+
+
+@dataclass
+class GramOptions:
+    """How Grams are formed.
+
+    method: "auto" (cost model), "ghost" or "explicit" for matrix layers (Linear, Conv).
+    precision: "fast" (fp32 tiles, summed in fp64) or "high" (fp64 products throughout).
+    budget: max elements of any temporary tile (per-row tiles, segment tiles, ghost blocks).
+    """
+
+    method: str = "auto"
+    precision: str = "fast"
+    budget: int = 1 << 22
+
+
+class Segments:
+    """Segment ids of the N rows of one ``record()``.
+
+    ids: (N,) int64 in [-1, S), kept per device. ``ext`` maps -1 to S (a zero-weight bucket
+    for ``row_weights``).
+    """
+
+    def __init__(self, ids: torch.Tensor, num_segments: int):
+        self.ids = ids
+        self.N = int(ids.numel())
+        self.S = int(num_segments)
+        self._dev: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _on(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        device = torch.device(device)
+        if device not in self._dev:
+            ids = self.ids.to(device)
+            ext = torch.where(ids < 0, torch.full_like(ids, self.S), ids)
+            self._dev[device] = (ids, ext)
+        return self._dev[device]
+
+    def ids_on(self, device) -> torch.Tensor:
+        """(N,) ids in [-1, S) on ``device``."""
+        return self._on(device)[0]
+
+    def ext_on(self, device) -> torch.Tensor:
+        """(N,) ids in [0, S] on ``device`` (S = ignored row)."""
+        return self._on(device)[1]
+
+    def kept_on(self, device) -> torch.Tensor:
+        """(N,) bool, rows that belong to a segment."""
+        return self._on(device)[0] >= 0
+
+    def row_weights(self, w: torch.Tensor, device, dtype) -> torch.Tensor:
+        """(N,) weight of each row's segment (0 for ignored rows) from w: (S,)."""
+        w = w.to(device=device, dtype=dtype)
+        return torch.cat([w, w.new_zeros(1)])[self.ext_on(device)]
+
+
+@dataclass
+class Probe:
+    """A random rank-1 probe of one parameter's summed gradient.
+
+    The parameter is viewed as a matrix (m, n): m = shape[0] for ndim >= 2, else 1.
+    u: (m,), w: (n,), unit fp64 vectors; when the rule asks for it (``Rule.probe_factors``)
+    w is the Kronecker product of unit ``w_factors`` (a conv's w = v ⊗ k over input channels
+    and kernel positions, so that its probe needs no full convolution). ``engine``
+    accumulates uᵀ(Σ_rows g_row)w from the rule (all rows, ignored ones included),
+    ``autograd`` the same contraction of the gradient autograd delivered to the parameter
+    (a tensor hook). Rounding makes them differ by about
+    eps·sqrt(count)·(sqrt(noise2)/sqrt(m·n) + |engine|), noise2 = Σ over the finest summands
+    (positions) of their squared norms; a gradient that reached the parameter without going
+    through the rule (functional use, tying, a loss term on the weights) differs by its
+    whole size.
+    """
+
+    u: torch.Tensor
+    w: torch.Tensor
+    w_factors: tuple = ()
+    engine: float = 0.0
+    noise2: float = 0.0
+    count: int = 0
+    autograd: float = 0.0
+    seen_autograd: bool = False
+
+    @property
+    def m(self) -> int:
+        return self.u.numel()
+
+    @property
+    def n(self) -> int:
+        return self.w.numel()
+
+    def add(self, value, noise2, count) -> None:
+        self.engine += float(value)
+        self.noise2 += float(noise2)
+        self.count += int(count)
+
+    def mismatch(self, eps: float, mult: float) -> bool:
+        """True when |engine - autograd| exceeds the rounding allowance (class docstring)."""
+        scale = math.sqrt(max(self.count, 1)) * (
+            math.sqrt(self.noise2) / math.sqrt(self.m * self.n) + abs(self.engine)
+        )
+        return abs(self.engine - self.autograd) > mult * eps * scale + 1e-300
+
+
+def probe_shape(p: torch.Tensor) -> tuple[int, int]:
+    """The (m, n) matrix view a probe uses for parameter p."""
+    if p.dim() >= 2:
+        return p.shape[0], p.numel() // max(p.shape[0], 1)
+    return 1, p.numel()
+
+
+def contract_probe(g: torch.Tensor, u: torch.Tensor, w: torch.Tensor) -> float:
+    """uᵀ g.view(m, n) w: one matrix-vector product in g's dtype (fp32 at least), reduced in
+    fp64. Its rounding (~eps·|g|) is far inside the probe's allowance (Probe docstring)."""
+    m, n = u.numel(), w.numel()
+    g = g.reshape(m, n)
+    dt = g.dtype if g.dtype in (torch.float32, torch.float64) else torch.float32
+    v = (g.to(dt) @ w.to(device=g.device, dtype=dt)).double()
+    return float(u.to(g.device) @ v)
+
+
+def sq_norm(x: torch.Tensor, dim=None) -> torch.Tensor:
+    """Squared 2-norm (over ``dim``, or all) in fp64, without an fp64 copy of x."""
+    dt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    return torch.linalg.vector_norm(x, dim=dim, dtype=dt).double().square()
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """Common dtype of rule inputs, at least fp32 (half inputs are accumulated in fp32)."""
+    dt = tensors[0].dtype
+    for t in tensors[1:]:
+        dt = torch.promote_types(dt, t.dtype)
+    if dt in (torch.float16, torch.bfloat16):
+        dt = torch.float32
+    return dt
+
+
+def gram_of_segment_tiles(X: torch.Tensor, precision: str) -> torch.Tensor:
+    """fp64 (S, S) Gram of per-segment tiles X: (S, k) (fp32 GEMM summed in fp64, or fp64)."""
+    if precision == "high":
+        X = X.double()
+    return (X @ X.T).double()
+
+
+def segment_sum(rows: torch.Tensor, ids: torch.Tensor, S: int) -> torch.Tensor:
+    """(S, k) sums of rows: (n, k) by ids: (n,) in [0, S).
+
+    One gather puts every single-row segment in place; rows of multi-row segments are
+    gathered in segment order and reduced with ``segment_reduce``; empty segments are
+    zeroed. Index tensors only (``index_add_`` on CPU is a serial loop, ~8x slower than a
+    copy for wide rows, and boolean masks cost a nonzero pass each).
+    """
+    n, k = rows.shape
+    if n == 0 or S == 0:
+        return rows.new_zeros((S, k))
+    dev = rows.device
+    counts = torch.bincount(ids, minlength=S)
+    pos = torch.zeros(S, dtype=torch.long, device=dev)
+    pos[ids] = torch.arange(n, device=dev)
+    X = rows.index_select(0, pos)
+    multi_segs = (counts > 1).nonzero().flatten()
+    if multi_segs.numel():
+        order = torch.argsort(ids, stable=True)
+        in_multi = (counts > 1)[ids[order]].nonzero().flatten()
+        sums = torch.segment_reduce(
+            rows.index_select(0, order[in_multi]), "sum", lengths=counts[multi_segs], axis=0
+        )
+        X.index_copy_(0, multi_segs, sums)
+    empty = (counts == 0).nonzero().flatten()
+    if empty.numel():
+        X.index_fill_(0, empty, 0)
+    return X
+
+
+def gram_from_row_grads(rows: torch.Tensor, seg: Segments, precision: str) -> torch.Tensor:
+    """fp64 (S, S) Gram of the segment sums of per-row gradients rows: (N, k)."""
+    kept = seg.kept_on(rows.device)
+    ids = seg.ids_on(rows.device)
+    X = segment_sum(rows[kept], ids[kept], seg.S)
+    return gram_of_segment_tiles(X, precision)
+
+
+def probe_row_grads(probe: Probe, rows: torch.Tensor, noise2: float, count: int) -> None:
+    """Add Σ_rows uᵀ g_row w to a probe; rows: (N, m·n) per-row gradients of all rows."""
+    probe.add(contract_probe(rows.sum(0), probe.u, probe.w), noise2, count)
+
+
+def dominant_weight(wr: torch.Tensor):
+    """(w*, rows with weight != w*) for per-row weights wr: (N,), or None when no single
+    value covers at least a quarter of the rows.
+
+    combine() uses it with autograd's summed gradient G = Σ_rows D_rᵀA_r:
+    Σ_r w_r D_rᵀA_r = w*·G + Σ_{r: w_r != w*} (w_r - w*) D_rᵀA_r, one GEMM over fewer rows
+    (OrthoGrad: the forget batch shares one weight, so half the rows drop out).
+    """
+    vals, counts = torch.unique(wr, return_counts=True)
+    k = int(counts.argmax())
+    if int(counts[k]) * 4 < wr.numel():
+        return None
+    w_star = vals[k]
+    return w_star, (wr != w_star).nonzero().flatten()
+
+
+@dataclass
+class Call:
+    """One forward call of a module inside ``record()``.
+
+    saved: what the rule's ``capture`` kept (the module input, usually, detached).
+    grads: gradient of each output leaf (None until the backward reaches it).
+    versions: version counters of saved tensors at capture, checked before use.
+    cache: per-step values a rule derives once and reuses (Gram, probe, combine).
+    """
+
+    saved: Any
+    grads: list = field(default_factory=list)
+    versions: tuple = ()
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def grad(self) -> torch.Tensor | None:
+        return self.grads[0] if self.grads else None
+
+
+class Rule:
+    """Serves the parameters a module owns directly (``recurse=False``).
+
+    One instance per module. ``params`` maps the module's local parameter names to the
+    names ``model.named_parameters()`` gives (the keys of per-tensor Grams).
+
+    Subclasses implement ``capture`` (forward: keep what the rule needs, detached),
+    ``grams`` / ``combine`` / ``probe`` (from the calls, once their output gradients are in),
+    and may override ``unsupported`` (a reason to send the module to the fallback instead),
+    ``check`` (raise when the module's state makes rows interact) and ``describe``.
+    """
+
+    kind: ClassVar[str] = "rule"
+    #: the rule serves every parameter in the module's subtree (attention uses its
+    #: submodules' weights functionally, so their own hooks never fire)
+    claims_subtree: ClassVar[bool] = False
+    #: Grams computed after the backward (torch.func fallbacks), not from hooks
+    deferred: ClassVar[bool] = False
+
+    def __init__(self, module: nn.Module, path: str, params: dict[str, str]):
+        self.module = module
+        self.path = path
+        self.params = dict(params)
+        self.methods: dict[str, str] = {}
+
+    @classmethod
+    def unsupported(cls, module: nn.Module) -> str | None:
+        return None
+
+    def probe_factors(self, local_name: str) -> tuple[int, ...]:
+        """Sizes whose Kronecker product forms the probe's w for this parameter (Probe)."""
+        return ()
+
+    def check(self, module: nn.Module) -> None:
+        return None
+
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
+        raise NotImplementedError
+
+    #: set by the engine in stream mode for deferred rules: call it once ``ready`` may be true
+    notify = None
+
+    def ready(self, calls: list[Call]) -> bool:
+        """Deferred rules: whether ``finish`` could run now, inside the backward (stream mode)."""
+        return False
+
+    def drop(self, calls: list[Call]) -> None:
+        """Release tensors the rule keeps outside the calls, once their Grams are formed."""
+        return None
+
+    def hooks(self, saved) -> list:
+        """Removable handles the capture registered (removed when record() exits)."""
+        return []
+
+    def batch_rows(self, saved) -> int:
+        """Rows of the call (dim 0 of its input), compared with len(segments); -1 for rules
+        that check rows themselves."""
+        x = saved[0] if isinstance(saved, tuple) else saved
+        return x.shape[0] if x.dim() > 0 else -1
+
+    def grams(self, calls: list[Call], seg: Segments, opts: GramOptions) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def combine(
+        self, calls: list[Call], seg: Segments, weights: dict[str, torch.Tensor], totals: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """{name: Σ_s weights[name][s]·g_s}. ``totals`` holds, where known, autograd's gradient
+        summed over all rows of this step (rules may use it with ``dominant_weight``)."""
+        raise NotImplementedError
+
+    def probe(self, calls: list[Call], seg: Segments, probes: dict[str, Probe]) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, str]:
+        return {g: self.methods.get(g, self.kind) for g in self.params.values()}
+
+    # helpers -------------------------------------------------------------------------
+    def local(self, local_name: str) -> str | None:
+        """Global name of a served local parameter, or None when it is not served."""
+        return self.params.get(local_name)
+
+    def param(self, local_name: str) -> torch.Tensor:
+        return getattr(self.module, local_name)

@@ -1,0 +1,227 @@
+"""nn.Conv1d / nn.Conv2d: a matrix layer on unfolded patches.
+
+The module pads its input (``_reversed_padding_repeated_twice``: this covers integer
+padding, 'same' with its asymmetric split, and every ``padding_mode``), then runs a
+padding-free convolution. So with xp = pad(x):
+
+    patches A = unfold(xp, kernel, dilation, stride)        (N, C_in·prod(k), L)
+    group g:  A_g = A[:, g·d:(g+1)·d]  (d = C_in/G·prod(k)),  D_g = grad_out[:, g·p:(g+1)·p]
+    dW_g,r = Σ_l D_g[r, :, l] ⊗ A_g[r, :, l]                 (p x d) = W_g's per-row gradient
+
+i.e. a matrix layer with T = L output positions and G groups (matrix.py); the weight
+(C_out, C_in/G, *k) viewed as (C_out, d) stacks the W_g. Conv1d runs as a 2-D conv of
+height 1. Patches are unfolded in row chunks inside the Gram, never for the whole batch.
+
+combine uses the convolution's own weight-gradient kernel on row-scaled output gradients
+(``aten.convolution_backward``, output_mask (False, True, False)): no patches at all; like
+Linear, only over the rows whose weight differs from the most common one when autograd's
+summed gradient is known (base.dominant_weight). The
+probe uᵀ(ΣdW)w = Σ_{r,l,g} (D_g·u_g)(A_g·w) is a depthwise conv of a channel
+contraction of xp (the probe's w is v ⊗ k, rules.base.Probe).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import matrix
+from .base import (
+    GramOptions,
+    Probe,
+    Rule,
+    Segments,
+    compute_dtype,
+    dominant_weight,
+    gram_from_row_grads,
+    probe_row_grads,
+    register_rule,
+    sq_norm,
+)
+
+
+def _pad(module, x: torch.Tensor) -> torch.Tensor:
+    pad = list(module._reversed_padding_repeated_twice)
+    if not any(pad):
+        return x
+    mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+    return F.pad(x, pad, mode=mode)
+
+
+class ConvRows:
+    """matrix.MatrixRows of one conv call; unfolds patches per row chunk."""
+
+    def __init__(self, module, x: torch.Tensor, g: torch.Tensor, cache: dict):
+        self.cache = cache
+        self.m = module
+        self.nd = x.dim() - 2
+        self.x = x
+        self.N = x.shape[0]
+        self.G = module.groups
+        k = math.prod(module.kernel_size)
+        self.d = (module.in_channels // self.G) * k
+        self.p = module.out_channels // self.G
+        self.L = math.prod(g.shape[2:])
+        self.out_shape = tuple(g.shape[2:])
+        self.out_hw = self.out_shape if g.dim() == 4 else (1, g.shape[2])
+        self.T = self.L
+        self.g = g.reshape(self.N, self.G, self.p, self.L)  # [N, G, p, L]
+        self.device = x.device
+        self.dtype = compute_dtype(x, g)
+        if self.nd == 1:
+            self.kernel = (1, module.kernel_size[0])
+            self.dilation = (1, module.dilation[0])
+            self.stride = (1, module.stride[0])
+        else:
+            self.kernel, self.dilation, self.stride = module.kernel_size, module.dilation, module.stride
+
+    def bias_rows(self) -> torch.Tensor:
+        """(N, C_out) per-row bias gradients Σ_l D[r, :, l] (cached on the call)."""
+        if "bias_rows" not in self.cache:
+            self.cache["bias_rows"] = self.g.to(self.dtype).sum(-1).reshape(self.N, -1)
+        return self.cache["bias_rows"]
+
+    def segment_tile(self, idx, p0, p1, d0, d1):
+        """The whole weight's tile is the convolution's own weight gradient over those rows
+        (no patches); a partial tile goes through the generic patch GEMM."""
+        if (p0, p1, d0, d1) != (0, self.p, 0, self.d):
+            return matrix.segment_tile_from_chunk(self, idx, p0, p1, d0, d1)
+        m = self.m
+        x = _pad(m, matrix.take(self.x, idx)).to(self.dtype)
+        g = matrix.take(self.g, idx).reshape(x.shape[0], -1, *self.out_shape).to(self.dtype)
+        gW = torch.ops.aten.convolution_backward(
+            g, x, m.weight.to(self.dtype), None, m.stride, [0] * self.nd, m.dilation, False,
+            [0] * self.nd, self.G, (False, True, False),
+        )[1]
+        return gW.reshape(self.G, self.p, self.d)
+
+    def chunk(self, idx):
+        xp = _pad(self.m, matrix.take(self.x, idx))
+        if self.nd == 1:
+            xp = xp.unsqueeze(2)
+        n, C, _, _ = xp.shape
+        (kh, kw), (dh, dw), (sh, sw) = self.kernel, self.dilation, self.stride
+        Ho, Wo = self.out_hw
+        sN, sC, sH, sW = xp.stride()
+        # patches as a strided view [n, C, kh, kw, Ho, Wo], then one copy: F.unfold's im2col
+        # is several times slower on CPU
+        A = xp.as_strided((n, C, kh, kw, Ho, Wo), (sN, sC, dh * sH, dw * sW, sh * sH, sw * sW))
+        A = A.reshape(n, self.G, self.d, self.L)  # [n, G, d, L]
+        return A, matrix.take(self.g, idx)
+
+
+@register_rule(nn.Conv1d, nn.Conv2d)
+class ConvRule(Rule):
+    kind = "conv"
+
+    def __init__(self, module, path, params):
+        super().__init__(module, path, params)
+        self.kind = type(module).__name__.lower()
+
+    def capture(self, module, args, kwargs, output):
+        x = args[0] if args else kwargs["input"]
+        return x.detach()
+
+    def batch_rows(self, saved) -> int:
+        nd = 1 if isinstance(self.module, nn.Conv1d) else 2
+        return saved.shape[0] if saved.dim() == nd + 2 else -1
+
+    def _rows(self, calls) -> list[ConvRows]:
+        return [ConvRows(self.module, c.saved, c.grad, c.cache) for c in calls if c.grad is not None]
+
+    @staticmethod
+    def _bias_rows(rows: list[ConvRows]) -> torch.Tensor:
+        return sum(r.bias_rows() for r in rows)  # [N, C_out]
+
+    def grams(self, calls, seg: Segments, opts: GramOptions):
+        rows = self._rows(calls)
+        out = {}
+        gw, gb = self.local("weight"), self.local("bias")
+        name = self.kind
+        if gw is not None and rows:
+            method = matrix.choose_method(rows, seg, opts)
+            out[gw] = matrix.gram(rows, seg, opts, method)
+            self.methods[gw] = f"{name}:{method}"
+        if gb is not None and rows:
+            out[gb] = gram_from_row_grads(self._bias_rows(rows), seg, opts.precision)
+            self.methods[gb] = f"{name}:bias"
+        return out
+
+    def combine(self, calls, seg: Segments, weights, totals):
+        m = self.module
+        out = {}
+        gw, gb = self.local("weight"), self.local("bias")
+        rows = self._rows(calls)
+        if gw is not None and rows:
+            r0 = rows[0]
+            wr = seg.row_weights(weights[gw], r0.device, r0.dtype)
+            dom = dominant_weight(wr) if totals.get(gw) is not None else None
+            if dom is not None:  # w*·G + Σ over the other rows (base.dominant_weight)
+                w_star, idx = dom
+                total = totals[gw]
+                out[gw] = total.mul_(w_star) if total.dtype == r0.dtype else w_star * total.to(r0.dtype)
+                wr = wr[idx] - w_star
+            else:
+                idx = slice(None)
+            for r in rows:
+                x = matrix.take(r.x, idx).to(r.dtype)
+                if x.shape[0] == 0:
+                    continue
+                g = matrix.take(r.g, idx).reshape(x.shape[0], -1, *r.out_shape).to(r.dtype)
+                Dw = g * wr.view((-1,) + (1,) * (g.dim() - 1))
+                nd = x.dim() - 2
+                gW = torch.ops.aten.convolution_backward(
+                    Dw, _pad(m, x), m.weight.to(r.dtype), None, m.stride, [0] * nd,
+                    m.dilation, False, [0] * nd, m.groups, (False, True, False),
+                )[1]
+                out[gw] = out[gw] + gW if gw in out else gW
+        if gb is not None:
+            for r in rows:
+                gB = seg.row_weights(weights[gb], r.device, r.dtype) @ r.bias_rows()
+                out[gb] = out[gb] + gB if gb in out else gB
+        return out
+
+    def probe_factors(self, local_name: str) -> tuple[int, ...]:
+        if local_name == "weight":
+            return (self.module.in_channels // self.module.groups, math.prod(self.module.kernel_size))
+        return ()
+
+    def probe(self, calls, seg: Segments, probes: dict[str, Probe]) -> None:
+        """Weight probe u ⊗ (v ⊗ k): Σ_{r,l,g} (D_g·u_g)(A_g·(v ⊗ k)), where A_g·(v ⊗ k) is the
+        depthwise conv, kernel k, of the channel contraction Σ_c v_c xp[:, g, c]; the noise
+        term uses the depthwise conv of Σ_c xp² with ones (Probe docstring)."""
+        rows = self._rows(calls)
+        if not rows:
+            return
+        m = self.module
+        gw, gb = self.local("weight"), self.local("bias")
+        if gw is not None:
+            pr = probes[gw]
+            v, k = pr.w_factors
+            conv = F.conv1d if rows[0].nd == 1 else F.conv2d
+            G = m.groups
+            for r in rows:
+                xp = _pad(m, r.x).to(r.dtype)
+                spatial = xp.shape[2:]
+                xg = xp.reshape(r.N, G, -1, math.prod(spatial))  # [N, G, C/G, HW]
+                ones_c = xg.new_ones((1, 1, 1, xg.shape[2]))
+                # channel contractions as matmuls: middle-dim reductions are ~10x slower on CPU
+                xv = torch.matmul(v.to(xp.device, r.dtype).view(1, 1, 1, -1), xg).view(r.N, G, *spatial)
+                x2 = torch.matmul(ones_c, xg.square()).view(r.N, G, *spatial)
+                kern = k.to(xp.device, r.dtype).view(1, 1, *m.kernel_size).expand(G, 1, *m.kernel_size)
+                Aw = conv(xv, kern, None, m.stride, 0, m.dilation, G).reshape(r.N, G, -1)  # [N, G, L]
+                A2 = conv(x2, torch.ones_like(kern), None, m.stride, 0, m.dilation, G).reshape(r.N, G, -1)
+                D = r.g.to(r.dtype)  # [N, G, p, L]
+                Du = torch.matmul(pr.u.to(D.device, r.dtype).view(1, G, 1, r.p), D).squeeze(2)  # [N, G, L]
+                D2 = torch.matmul(D.new_ones((1, 1, 1, r.p)), D.square()).squeeze(2)  # [N, G, L]
+                pr.add(
+                    float((Du.double() * Aw.double()).sum()),
+                    float((D2.double() * A2.double()).sum()),
+                    r.N * r.L,
+                )
+        if gb is not None:
+            noise2 = sum(float(sq_norm(r.g)) for r in rows)
+            count = sum(r.N * r.L for r in rows)
+            probe_row_grads(probes[gb], self._bias_rows(rows), noise2, count)

@@ -1,0 +1,130 @@
+"""nn.Embedding: out[r, t] = W[idx[r, t]] for indices idx: (N, *).
+
+Per-row gradient: dW_r = Σ_t e_{idx[r,t]} ⊗ D_{r,t} (positions with idx == padding_idx get
+none). Only the vocabulary rows present in the batch are non-zero, so the per-segment
+gradients are formed explicitly on the present rows only:
+
+    Z[s, v] = Σ_{(r,t): r in s, idx[r,t] = v} D_{r,t}        (S, V_present, E)
+    K = Z Zᵀ  (flattened over V_present·E)
+
+The sums run once over the distinct (segment, token) pairs; Z is then filled in chunks of
+the present vocabulary so that one (S, chunk, E) slab exists at a time. combine sums the
+row-scaled D per present token and writes those rows. ``max_norm`` (renormalises W in place in the
+forward), ``scale_grad_by_freq`` (couples rows through batch counts) and ``sparse`` are refused.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import (
+    GramOptions,
+    Probe,
+    Rule,
+    Segments,
+    compute_dtype,
+    gram_of_segment_tiles,
+    register_rule,
+    segment_sum,
+    sq_norm,
+)
+
+
+@register_rule(nn.Embedding)
+class EmbeddingRule(Rule):
+    kind = "embedding"
+
+    def __init__(self, module, path, params):
+        bad = []
+        if module.max_norm is not None:
+            bad.append("max_norm (renormalises the weight in place during forward)")
+        if module.scale_grad_by_freq:
+            bad.append("scale_grad_by_freq (couples the rows through batch counts)")
+        if module.sparse:
+            bad.append("sparse=True")
+        if bad:
+            raise ValueError(f"SampleGram: nn.Embedding {path!r} uses {', '.join(bad)}, which is not supported")
+        super().__init__(module, path, params)
+
+    def capture(self, module, args, kwargs, output):
+        return args[0] if args else kwargs["input"]
+
+    def batch_rows(self, saved) -> int:
+        return saved.shape[0] if saved.dim() >= 1 else -1
+
+    def _flat(self, calls, seg: Segments | None, kept_only: bool):
+        """Valid positions of all calls: vocab ids (F,), row ids (F,), D (F, E)."""
+        pad = self.module.padding_idx
+        vs, rs, ds = [], [], []
+        for c in calls:
+            if c.grad is None:
+                continue
+            idx, g = c.saved, c.grad
+            N = idx.shape[0]
+            E = g.shape[-1]
+            v = idx.reshape(-1)
+            T = v.numel() // max(N, 1)
+            r = torch.arange(N, device=v.device).repeat_interleave(T)
+            D = g.reshape(-1, E)
+            mask = torch.ones_like(v, dtype=torch.bool) if pad is None else v != pad
+            if kept_only:
+                mask &= seg.ids_on(v.device)[r] >= 0
+            vs.append(v[mask])
+            rs.append(r[mask])
+            ds.append(D[mask])
+        if not vs:
+            return None
+        return torch.cat(vs), torch.cat(rs), torch.cat(ds)
+
+    def grams(self, calls, seg: Segments, opts: GramOptions):
+        gw = self.local("weight")
+        flat = self._flat(calls, seg, kept_only=True)
+        if gw is None or flat is None:
+            return {}
+        v, r, D = flat
+        dtype = compute_dtype(D)
+        D = D.to(dtype)
+        S, E = seg.S, D.shape[1]
+        s = seg.ids_on(v.device)[r]
+        K = torch.zeros((S, S), dtype=torch.float64, device=D.device)
+        self.methods[gw] = "embedding:explicit"
+        if S == 0 or v.numel() == 0:
+            return {gw: K}
+        uniq, inv = torch.unique(v, return_inverse=True)
+        U = uniq.numel()
+        keys, kinv = torch.unique(s * U + inv, return_inverse=True)  # (segment, vocab) pairs
+        Zc = segment_sum(D, kinv, keys.numel())  # [pairs, E]
+        ks, kv = keys // U, keys % U
+        chunk = max(1, opts.budget // max(1, S * E))
+        for c0 in range(0, U, chunk):
+            c1 = min(U, c0 + chunk)
+            sel = (kv >= c0) & (kv < c1)
+            Z = D.new_zeros((S * (c1 - c0), E))
+            Z[ks[sel] * (c1 - c0) + kv[sel] - c0] = Zc[sel]
+            K += gram_of_segment_tiles(Z.view(S, -1), opts.precision)
+        return {gw: K}
+
+    def combine(self, calls, seg: Segments, weights, totals):
+        gw = self.local("weight")
+        W = self.module.weight
+        flat = self._flat(calls, seg, kept_only=True)
+        if gw is None or flat is None:
+            return {}
+        v, r, D = flat
+        dtype = compute_dtype(D)
+        wr = seg.row_weights(weights[gw], D.device, dtype)[r]
+        uniq, inv = torch.unique(v, return_inverse=True)
+        out = torch.zeros(W.shape, dtype=dtype, device=D.device)
+        out[uniq] = segment_sum(D.to(dtype) * wr[:, None], inv, uniq.numel())
+        return {gw: out}
+
+    def probe(self, calls, seg: Segments, probes: dict[str, Probe]) -> None:
+        gw = self.local("weight")
+        flat = self._flat(calls, seg, kept_only=False)
+        if gw is None or flat is None:
+            return
+        v, _, D = flat
+        pr = probes[gw]
+        dt = compute_dtype(D)
+        Dw = (D.to(dt) @ pr.w.to(D.device, dt)).double()
+        pr.add(float(pr.u.to(D.device)[v] @ Dw), float(sq_norm(D)), v.numel())

@@ -1,0 +1,142 @@
+"""The exact fallback: per-row gradients of just the uncovered parameters via ``torch.func``.
+
+For a module M (a layer without a rule, an attention block, or the root model itself) and
+the parameters θ it must serve, each recorded call y = M(args) with output gradient D
+(captured at M's output) gives, for every row r of the batch,
+
+    g_r(θ) = ∂/∂θ < M_θ(args_r), D_r >        (args_r, D_r: row r, batch dim kept as 1)
+
+computed by ``vmap(grad(...))`` over rows with ``functional_call`` (every other parameter
+and buffer fixed at its current value, detached). Rows independent ⇒ Σ_r g_r is the
+gradient autograd delivered, and g_s = Σ_{r in s} g_r exactly. Cost: one vmapped
+forward + backward of M, and an (N, numel) buffer per served parameter.
+
+Which inputs are batched: every tensor argument whose dim 0 equals N (one object passed
+twice, as attention's q = k = v, stays one object per row); everything else (masks of
+another size, flags) is passed unchanged. Randomness inside M (dropout in train mode)
+cannot be replayed per row and is refused with a clear error.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .base import (
+    Call,
+    GramOptions,
+    Probe,
+    Rule,
+    Segments,
+    contract_probe,
+    gram_of_segment_tiles,
+    register_rule,
+    segment_sum,
+    sq_norm,
+)
+
+
+def per_row_grads(module: nn.Module, names: dict[str, str], calls: list[Call], N: int) -> dict[str, torch.Tensor]:
+    """{global name: (N, *shape)} per-row gradients of the parameters ``names`` (local ->
+    global, local relative to ``module``) summed over the recorded calls of ``module``."""
+    from torch.func import functional_call, grad, vmap
+
+    fixed = {k: v.detach() for k, v in module.named_parameters()}
+    fixed.update({k: b.detach() for k, b in module.named_buffers()})
+    theta = {loc: fixed[loc] for loc in names}
+    out: dict[str, torch.Tensor] = {}
+    for call in calls:
+        cots = [(i, g) for i, g in enumerate(call.grads) if g is not None]
+        if not cots:
+            continue
+        args, kwargs = call.saved
+        leaves, spec = tree_flatten((args, kwargs))
+        batched: list[torch.Tensor] = []
+        where: dict[int, int] = {}
+        slots = []
+        for leaf in leaves:
+            if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] == N:
+                if id(leaf) not in where:
+                    where[id(leaf)] = len(batched)
+                    batched.append(leaf.detach())
+                slots.append((True, where[id(leaf)]))
+            else:
+                slots.append((False, leaf.detach() if isinstance(leaf, torch.Tensor) else leaf))
+        if not batched:
+            raise ValueError(
+                f"SampleGram fallback: no input of module {type(module).__name__} has the batch "
+                f"({N} rows) in dim 0, so its per-row gradients cannot be formed (attention and "
+                "transformer layers need batch_first=True)"
+            )
+        for i, g in cots:
+            if g.dim() == 0 or g.shape[0] != N:
+                raise ValueError(
+                    f"SampleGram fallback: output {i} of module {type(module).__name__} has shape "
+                    f"{tuple(g.shape)}, not the batch ({N} rows) in dim 0"
+                )
+        out_idx = [i for i, _ in cots]
+        cot_vals = [g for _, g in cots]
+
+        def row_loss(th, rows_in, rows_cot, slots=slots, spec=spec, out_idx=out_idx):
+            vals = [rows_in[v].unsqueeze(0) if is_b else v for is_b, v in slots]
+            a, kw = tree_unflatten(vals, spec)
+            y = tree_flatten(functional_call(module, {**fixed, **th}, tuple(a), kw))[0]
+            total = None
+            for i, c in zip(out_idx, rows_cot):
+                term = (y[i] * c.unsqueeze(0).to(y[i].dtype)).sum()
+                total = term if total is None else total + term
+            return total
+
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*performance drop.*")
+                g = vmap(grad(row_loss), in_dims=(None, 0, 0), randomness="error")(theta, batched, cot_vals)
+        except RuntimeError as e:
+            if "random" in str(e):
+                raise ValueError(
+                    f"SampleGram fallback: module {type(module).__name__} draws random numbers "
+                    "(dropout in train mode?); its per-row gradients are recomputed with torch.func and "
+                    "cannot replay them. Use eval mode or dropout p=0 for modules served by the fallback."
+                ) from e
+            raise
+        for loc, gname in names.items():
+            out[gname] = out[gname] + g[loc] if gname in out else g[loc]
+    return out
+
+
+def segment_results(rows: dict[str, torch.Tensor], seg: Segments, opts: GramOptions, probes: dict[str, Probe]):
+    """From per-row gradients {name: (N, *shape)}: Grams {name: (S, S)}, segment gradients
+    {name: (S, *shape)}, and the probe sums over all rows (ignored ones included)."""
+    grams, seg_grads = {}, {}
+    for gname, r in rows.items():
+        flat = r.reshape(seg.N, -1)
+        kept = seg.kept_on(flat.device)
+        X = segment_sum(flat[kept], seg.ids_on(flat.device)[kept], seg.S)
+        grams[gname] = gram_of_segment_tiles(X, opts.precision)
+        seg_grads[gname] = X.reshape(seg.S, *r.shape[1:])
+        probes[gname].add(contract_probe(flat.sum(0), probes[gname].u, probes[gname].w), float(sq_norm(flat)), seg.N)
+    return grams, seg_grads
+
+
+class ModuleFallback(Rule):
+    """Serves the parameters of a module without a rule (and, with ``claims_subtree``,
+    of its whole subtree) through :func:`per_row_grads` after the backward."""
+
+    kind = "fallback"
+    deferred = True
+
+    def capture(self, module, args, kwargs, output):
+        return (args, kwargs)
+
+    def finish(self, calls: list[Call], seg: Segments, opts: GramOptions, probes: dict[str, Probe]):
+        """Grams {name: (S, S)} and segment gradients {name: (S, *shape)}; adds to probes."""
+        return segment_results(per_row_grads(self.module, self.params, calls, seg.N), seg, opts, probes)
+
+    def combine(self, calls, seg, weights, totals):
+        """Nothing here: the engine combines the segment gradients ``finish`` returned."""
+        return {}
+
+    def describe(self) -> dict[str, str]:
+        return {g: f"fallback:module({self.path or '<root>'})" for g in self.params.values()}
