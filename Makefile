@@ -16,7 +16,7 @@ $(STAMP): requirements-dev.txt pyproject.toml setup.py
 
 venv: $(STAMP)
 
-test: $(STAMP)
+test: $(BENCH_STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests
 
 # The main job on the embedded digits data: the projection figures on real gradients,
