@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo demo-fmnist bench data clean
+.PHONY: venv test demo demo-fmnist bench bench-gram data clean
 
 $(STAMP): requirements-dev.txt pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ $(BENCH_STAMP): $(STAMP) requirements-bench.txt
 bench: $(BENCH_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider bench/bench_projection.py --benchmark-columns=median,iqr,rounds
 	$(PY) bench/bench_peers.py
+
+# The SampleGram table of bench/RESULTS.md (issue 3), about 5 minutes.
+bench-gram: $(STAMP)
+	$(PY) bench/bench_sample_gram.py --write
 
 # Fashion-MNIST from Debian's package (real 60k+10k images under /usr/share/datasets).
 data:
