@@ -6,6 +6,9 @@ transformer (T = 64 tokens + class token, d = 128, 2 encoder layers). Paths:
 
     plain          one forward + backward of the summed loss over the 128 rows (the floor)
     store          SampleGram(mode="store"): record + gram + fp64 solve + combine
+    store_og       the same with record_grads=False, as OrthoGrad.step runs it: Linear/Conv
+                   weights are read detached, so the record pass skips their summed
+                   gradient, which combine writes anyway
     stream         SampleGram(mode="stream"): record + gram + solve + reweight pass
     authors        reference.authors_orthograd_direction: vmap per-sample retain gradients
                    (a B x P buffer) + forget gradient + per-tensor torch.linalg.qr
@@ -46,7 +49,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 B = 64
 CASES = ("mlp", "cnn", "transformer")
-PATHS = ("plain", "store", "stream", "authors", "vmap_gram")
+PATHS = ("plain", "store", "store_og", "stream", "authors", "vmap_gram")
 
 
 # ------------------------------------------------------------------------------ models
@@ -125,15 +128,15 @@ def make_step(case: str, path: str):
         def step():
             model.zero_grad(set_to_none=True)
             ce_sum(model(x), y).backward()
-    elif path in ("store", "stream"):
-        sg = SampleGram(model, mode=path)
+    elif path in ("store", "store_og", "stream"):
+        sg = SampleGram(model, mode="stream" if path == "stream" else "store", record_grads=path != "store_og")
 
         def step():
             model.zero_grad(set_to_none=True)
             with sg.record(seg, num_segments=B + 1):
                 ce_sum(model(x), y).backward()
             w = weights(sg.gram())
-            if path == "store":
+            if path != "stream":
                 sg.combine(w)
             else:
                 with sg.reweight(w):
@@ -162,7 +165,7 @@ def make_step(case: str, path: str):
     def release():
         """Back to the idle state: no .grad, no recorded step."""
         model.zero_grad(set_to_none=True)
-        if path in ("store", "stream"):
+        if path in ("store", "store_og", "stream"):
             sg.release()
 
     step.release = release
@@ -313,30 +316,58 @@ def table(results: list[dict]) -> str:
 NOTES = """\
 Setup: B = 64 retain rows (one segment each) + 64 forget rows (one segment), S = 65, fp32,
 loss summed over rows; `store`/`stream` = record + gram + fp64 solve (linalg.gram_pinv) +
-combine (store) or a second forward/backward under `reweight` (stream); `authors` =
-reference.authors_orthograd_direction (vmap per-sample retain gradients, B x P buffer,
-per-tensor torch.linalg.qr); `vmap_gram` = vmap per-sample gradients + one fp64 Gram.
+combine (store) or a second forward/backward under `reweight` (stream); `store_og` = store
+with `record_grads=False`, the configuration `OrthoGrad.step` runs (module docstring);
+`authors` = reference.authors_orthograd_direction (vmap per-sample retain gradients, B x P
+buffer, per-tensor torch.linalg.qr); `vmap_gram` = vmap per-sample gradients + one fp64 Gram.
 Models: (a) MLP 784-1024-1024-10, (b) CNN conv(1→32)/conv(32→64,s2)/conv(64→64,s2) +
 linear(3136→128→10) on 28x28, (c) transformer: linear embedding of 64 tokens + class token
 + positional embedding (bare parameters), 2 nn.TransformerEncoderLayer (d=128, 4 heads,
 ff 256), LayerNorm, linear head. Reproduce: `python bench/bench_sample_gram.py --write`
-(about 4 minutes), or `pytest bench/bench_sample_gram.py --benchmark-only` (time only).
+(about 6 minutes), or `pytest bench/bench_sample_gram.py --benchmark-only` (time only).
 
 Reading it. Time ratios are to a plain forward+backward of the same 128 rows, timed
 interleaved in the same process (the two cores are shared with other jobs, hence 1 torch
-thread and best-of-7); between whole runs the ratios still moved by up to ±0.3 (store on
-the transformer: 1.5x to 1.9x). What SampleGram adds to a plain step: the Gram (ghost for the MLP and
-the heads, explicit "flash-Gram" tiles for convolutions and sequences, whose S²·d·p term
-is as large as the per-row tiles at S = 65), one GEMM per layer for combine over the 64
-retain rows (the forget rows reuse autograd's gradient), and the probes. Against the
-authors' path the gain grows with the parameter count relative to the activations: the
-MLP (1.9M parameters, T = 1) is where a B x P buffer and per-tensor QR hurt; the small CNN
-and transformer have few parameters and long rows, so their per-sample gradients are cheap
-and the authors' path is close to ours in time (not in memory for the MLP/CNN).
+thread and best-of-N); between whole runs the ratios still move by about ±0.15 (more for
+the 20 ms MLP step). What SampleGram adds to a plain step: the Gram (ghost for the MLP and
+the heads; explicit "flash-Gram" tiles for convolutions and sequences, whose S²·d·p term
+is as large as the per-row tiles at S = 65), the combination and the probes.
+
+What changed in this revision (engine docstring, rules/matrix.py). (1) Kept tiles: the
+explicit path keeps each layer's per-segment gradients X (S, numel) when X is no larger
+than the layer's recorded input + output gradient, so combine is Σ_s w_s X_s instead of a
+GEMM over the retain rows, the probe reads X, and the layer's tensors are dropped right
+after its Gram (CNN peak memory 2.0x → 1.2x plain; combine 17 → 2 ms on the CNN, 35 → 5 ms
+on the transformer). (2) Detached weights: a Linear/Conv weight whose Gram comes from
+tiles is read detached in its forward, so autograd skips its weight-gradient GEMM; `.grad`
+is filled from the tiles (Σ_s X_s); with `record_grads=False` every Linear/Conv weight is
+detached and combine writes `.grad` (MLP: one GEMM over all rows replaces autograd's plus
+the one over the retain rows). Tied/functional use stays exact: a detached weight that
+still receives an autograd gradient is rerouted to the exact fallback (tests). (3) Rows
+of a segment that are contiguous in the batch are read as views (no gathers); attention's
+(L, N)-ordered rows are copied once into (N, L) order (its tile GEMM ran 2x slower on the
+strided view). (4) Convolutions: zero padding passed to the weight-gradient kernel (no
+padded copy), per-row tiles from one grouped-convolution weight gradient (no patch copy).
+(5) The ghost path forms the bias Gram from the D·Dᵀ products the weight needs; segment
+maps are built once per step; X Xᵀ multiplies 3/4 of the blocks. Same-process A/B against
+the previous engine (best-of-15, 1 thread): MLP 1.86 → 1.73 (store) / 1.49 (store_og);
+CNN 2.22 → 1.66 / 1.64; transformer 1.90 → 1.51 / 1.54.
+
+Where the rest goes (why 1.3x is out of reach for two of the three). Explicit Grams cost
+about 1.5 weight-gradient GEMMs per layer at S = 65 (the per-segment tiles over all rows,
+plus X Xᵀ with S² ≈ half the N·T rows); detaching pays back one of them only where the
+weight can be detached and where its gradient costs a GEMM. CNN: the CPU convolution
+backward costs the same with or without the weight gradient (measured), so the tiles
+(~33 ms) and X Xᵀ (~7 ms) are pure extra on an ~85 ms plain step: floor ≈ 1.5x.
+Transformer: nn.MultiheadAttention's projections are read from the autograd graph and
+cannot be detached (the graph is also what verifies them), so half of the weight-gradient
+work stays: floor ≈ 1.35-1.4x. MLP: `store_og` is near its floor (combine ≈ the skipped
+weight gradients; ghost Gram ≈ 2 ms); `store` keeps autograd's weight gradients for
+`.grad` plus a GEMM over the 64 retain rows for combine (≈ 0.5 weight-gradient pass).
 
 Store vs stream. `store` keeps every layer's input (which autograd keeps anyway until the
-backward) and output gradient until combine: one backward, peak ≈ plain + one extra set of
-output gradients. `stream` forms each layer's Gram inside its backward hook and drops its
+backward) and output gradient until record() exits: one backward; layers with kept tiles
+then hold only X. `stream` forms each layer's Gram inside its backward hook and drops its
 tensors, so the peak is a plain step's plus the Gram tiles, but the combination needs a
 second forward + backward (about 1 plain step more). Stream pays when activations dominate
 memory and the extra pass is cheaper than running out of memory (large images, long

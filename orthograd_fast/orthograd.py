@@ -35,6 +35,7 @@ first-order loss change of at most ~1e-4 of plain ascent's.
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -42,7 +43,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .linalg import gram_pinv
+from .linalg import _single_thread, gram_pinv
 
 GRANULARITIES = ("global", "per_tensor")
 DEFAULT_RTOL = {torch.float64: 1e-7, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -79,6 +80,35 @@ def _solve(K: torch.Tensor, b: torch.Tensor, gg: torch.Tensor, rtol: float):
     return c, solve.rank, Gr, rr
 
 
+def _solve_batched(K: torch.Tensor, b: torch.Tensor, gg: torch.Tensor, rtol: float):
+    """``_solve`` for L Grams at once: K (L, B, B), b (L, B), gg (L,) -> c (L, B),
+    rank (L,), G r (L, B), ‖r‖² (L,) (per_tensor granularity: one batched eigh, not L).
+
+    The maths of ``linalg.gram_pinv`` (its module docstring) on all L together: a
+    zero-norm row is dropped by giving it cosine-matrix row/column e_j·(−1), so its
+    eigenpair (−1, e_j) is never kept (kept: λ > rtol²·λ_max > 0) and the other eigenpairs
+    are those of the kept block; K⁺ = D^-1/2 V_k diag(1/λ_k) V_kᵀ D^-1/2.
+    """
+    K = 0.5 * (K + K.mT)
+    d = torch.diagonal(K, dim1=-2, dim2=-1)
+    kept = d > 0
+    inv_sqrt_d = torch.where(kept, d.clamp_min(torch.finfo(K.dtype).tiny).rsqrt(), torch.zeros_like(d))
+    C = K * inv_sqrt_d[:, :, None] * inv_sqrt_d[:, None, :]
+    C = C - torch.diag_embed((~kept).to(C.dtype))  # dropped rows: eigenpair (-1, e_j)
+    with _single_thread():
+        lam, V = torch.linalg.eigh(C)  # ascending
+    lam_max = lam[:, -1].clamp_min(0)
+    keep = (lam > (rtol * rtol) * lam_max[:, None]) & (lam_max[:, None] > 0)
+    Vk = V * inv_sqrt_d[:, :, None]  # D^-1/2 V
+    inv_lam = torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+    pinv = (Vk * inv_lam[:, None, :]) @ Vk.mT  # [L, B, B]
+    c = (pinv @ b[:, :, None]).squeeze(-1)
+    Kc = (K @ c[:, :, None]).squeeze(-1)
+    Gr = b - Kc
+    rr = (gg - 2 * (c * b).sum(-1) + (c * Kc).sum(-1)).clamp_min(0)
+    return c, keep.sum(-1), Gr, rr
+
+
 def _spectral_sq(K: torch.Tensor) -> float:
     if K.numel() == 0:
         return 0.0
@@ -99,7 +129,9 @@ class OrthoGrad:
     rtol: rank tolerance on σ/σ_max of the row-normalised retain gradients (None: module
     doc). max_grad_norm: clip the update's total norm.
     backend: passed to ``SampleGram``. engine: a ready per-sample Gram engine with the
-    ``SampleGram`` interface (default: ``SampleGram(model, trainable params, backend=backend)``).
+    ``SampleGram`` interface (default: ``SampleGram(model, trainable params, backend=backend,
+    record_grads=False)``: the step always combines, so the record pass skips Linear/Conv
+    weight gradients).
 
     BatchNorm layers must be in eval mode (rows must be independent). Use as a context
     manager or call :meth:`close` to remove the engine's hooks.
@@ -154,7 +186,8 @@ class OrthoGrad:
         if engine is None:
             from .gram import SampleGram
 
-            engine = SampleGram(model, [p for _, p in self.named], backend=backend)
+            # combine() always follows record() here: autograd need not form .grad at record
+            engine = SampleGram(model, [p for _, p in self.named], backend=backend, record_grads=False)
         self.engine = engine
 
     # ------------------------------------------------------------------------------
@@ -171,20 +204,27 @@ class OrthoGrad:
         self.close()
 
     # ------------------------------------------------------------------------------
-    def _weights(self, gram: torch.Tensor, nb: int, B: int):
-        """Combination weights (S,) and the Gram-block stats for one (S, S) Gram."""
-        K, b, gg = gram[:nb, :nb], gram[:nb, nb], gram[nb, nb]
-        if not (torch.isfinite(K).all() and torch.isfinite(b).all() and torch.isfinite(gg)):
+    def _check_finite(self, gram: torch.Tensor) -> None:
+        if not bool(torch.isfinite(gram).all()):
             raise NonFiniteGradientError(
                 "non-finite values (NaN or Inf) in the per-sample gradient Gram: the model or a "
                 "loss overflowed (lower the learning rate or set max_grad_norm)"
             )
-        c, rank, Gr, rr = _solve(K, b, gg, self.rtol)
-        w = torch.empty(nb + 1, dtype=torch.float64, device=gram.device)
+
+    def _combination(self, c: torch.Tensor, nb: int, B: int) -> torch.Tensor:
+        """Combination weights (..., nb + 1) from coefficients c (..., nb)."""
         a = self.alpha
-        w[:nb] = a / B + (1.0 - a) * c  # mean_i g_i = Σ_i g_i / B in both modes
-        w[nb] = -(1.0 - a)
-        return w, c, rank, Gr, rr, gg
+        w = torch.empty(c.shape[:-1] + (nb + 1,), dtype=torch.float64, device=c.device)
+        w[..., :nb] = a / B + (1.0 - a) * c  # mean_i g_i = Σ_i g_i / B in both modes
+        w[..., nb] = -(1.0 - a)
+        return w
+
+    def _weights(self, gram: torch.Tensor, nb: int, B: int):
+        """Combination weights (S,) and the Gram-block stats for one (S, S) Gram."""
+        self._check_finite(gram)
+        K, b, gg = gram[:nb, :nb], gram[:nb, nb], gram[nb, nb]
+        c, rank, Gr, rr = _solve(K, b, gg, self.rtol)
+        return self._combination(c, nb, B), c, rank, Gr, rr, gg
 
     def step(self, forget_batch, retain_batch) -> dict:
         """One OrthoGrad step. forget_batch, retain_batch: (inputs (N, ...), targets (N,)).
@@ -224,7 +264,7 @@ class OrthoGrad:
                 raise
             raise NonFiniteGradientError(f"non-finite model parameters: the model diverged ({e})") from e
         forget_loss, retain_loss = float(loss_f.detach().mean()), float(loss_r.detach().mean())
-        if not (torch.isfinite(torch.tensor([forget_loss, retain_loss])).all()):
+        if not (math.isfinite(forget_loss) and math.isfinite(retain_loss)):
             raise NonFiniteGradientError(
                 f"non-finite loss (forget {forget_loss}, retain {retain_loss}): the model diverged"
             )
@@ -234,19 +274,16 @@ class OrthoGrad:
             weights, c, rank, Gr, rr, gg = self._weights(gram, nb, B)
             coef_sq = float(c @ c)
             norm_sq = _spectral_sq(gram[:nb, :nb])
-        else:
-            weights, rank, coef_sq = {}, 0, 0.0
-            Gr = rr = gg = K_sum = None
-            for name, gram in self.engine.gram(per_tensor=True).items():
-                w, c, r_l, Gr_l, rr_l, gg_l = self._weights(gram, nb, B)
-                weights[name] = w
-                rank += r_l
-                coef_sq += float(c @ c)
-                Gr = Gr_l if Gr is None else Gr + Gr_l
-                rr = rr_l if rr is None else rr + rr_l
-                gg = gg_l if gg is None else gg + gg_l
-                K_sum = gram[:nb, :nb].clone() if K_sum is None else K_sum + gram[:nb, :nb]
-            norm_sq = _spectral_sq(K_sum)
+        else:  # one stacked (L, S, S) solve for the L tensors
+            grams = self.engine.gram(per_tensor=True)
+            G = torch.stack(list(grams.values()))  # [L, S, S]
+            self._check_finite(G)
+            K, b, gg_l = G[:, :nb, :nb], G[:, :nb, nb], G[:, nb, nb]
+            c, ranks, Gr_l, rr_l = _solve_batched(K, b, gg_l, self.rtol)
+            weights = dict(zip(grams, self._combination(c, nb, B).unbind(0)))
+            rank, coef_sq = int(ranks.sum()), float((c * c).sum())
+            Gr, rr, gg = Gr_l.sum(0), rr_l.sum(), gg_l.sum()
+            norm_sq = _spectral_sq(K.sum(0))
         denom = (norm_sq * float(rr)) ** 0.5
         orthogonality = float(Gr.norm()) / denom if denom > 0 else 0.0
         kept = (float(rr) / float(gg)) ** 0.5 if float(gg) > 0 else 0.0
@@ -254,7 +291,7 @@ class OrthoGrad:
         self.engine.combine(weights)
         params = [p for _, p in self.named if p.grad is not None]
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
-        if not torch.isfinite(torch.tensor(grad_norm)):
+        if not math.isfinite(grad_norm):
             raise NonFiniteGradientError(f"the OrthoGrad update has a non-finite norm ({grad_norm})")
         if self.max_grad_norm is not None and grad_norm > self.max_grad_norm:
             scale = self.max_grad_norm / grad_norm

@@ -328,6 +328,128 @@ def test_tiny_budget_tiles(gen):
 
 
 # --------------------------------------------------------------------------------------
+# store mode: kept segment gradients (tiles) and detached weights
+# --------------------------------------------------------------------------------------
+def kept_segments(N, gen):
+    """random_segments with every row in a segment (no -1): S = 5, segment 3 empty."""
+    seg, S = random_segments(N, gen)
+    return torch.where(seg < 0, torch.zeros_like(seg), seg), S
+
+
+def engine_paths(sg):
+    """(names with kept tiles, names whose weight was read detached) of the last step."""
+    return set(sg._step.tiles), {g for rule in sg._rule_list() for g in rule.skipped}
+
+
+@pytest.mark.parametrize("ignored", [False, True], ids=["all_kept", "ignored_rows"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "conv1d", "transformer"])
+def test_kept_tiles_and_detached_weights(name, dtype, ignored, gen):
+    """Explicit layers keep their (S, numel) segment gradients: combine is Σ_s w_s X_s and the
+    probe reads X. With every row kept, their weights are also read detached in the forward
+    (autograd skips the weight gradient) and .grad is filled from the tiles: it must still
+    be autograd's gradient over all rows after record(), and Grams/combine exact."""
+    seed_torch(gen)
+    model, make = ZOO[name]()
+    model = model.to(dtype)
+    N = 17
+    x, y = make(N, gen)
+    x = x.to(dtype) if x.is_floating_point() else x
+    seg, S = (random_segments if ignored else kept_segments)(N, gen)
+    gs = reference_segments(model, x, y, seg, S)
+    total = reference_segments(model, x, y, torch.zeros(N, dtype=torch.long), 1)  # all rows
+    sg = run(model, x, y, seg, S, method="explicit")
+    tiled, detached = engine_paths(sg)
+    # Linear/Conv weights (not bare root parameters; attention's projections are read from the
+    # graph and never detached)
+    weights = {n for n, p in model.named_parameters() if p.dim() >= 2 and "attn" not in n and "." in n}
+    assert tiled and detached <= tiled <= set(gs)
+    assert detached == (set() if ignored else weights), (detached, weights)
+    for n, p in model.named_parameters():
+        assert isinstance(getattr(model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]), nn.Parameter)
+        assert rel(p.grad, total[n][0]) < TOL[dtype], n
+    assert_grams(sg, gs, TOL[dtype])
+    assert_combine(sg, model, gs, S, gen, TOL[dtype])
+    assert_combine(sg, model, gs, S, gen, TOL[dtype], per_tensor=True)
+
+
+@pytest.mark.parametrize("ignored", [False, True], ids=["all_kept", "ignored_rows"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "conv1d", "transformer", "adapter"])
+def test_record_grads_false(name, dtype, ignored, gen):
+    """record_grads=False: every Linear/Conv weight (ghost or explicit) is read detached, its
+    .grad is left alone by record() (None here) and combine() writes it, exactly."""
+    seed_torch(gen)
+    model, make = ZOO[name]()
+    model = model.to(dtype)
+    N = 17
+    x, y = make(N, gen)
+    x = x.to(dtype) if x.is_floating_point() else x
+    seg, S = (random_segments if ignored else kept_segments)(N, gen)
+    gs = reference_segments(model, x, y, seg, S)
+    sg = run(model, x, y, seg, S, record_grads=False)
+    _, detached = engine_paths(sg)
+    weights = {n for n, p in model.named_parameters() if p.dim() >= 2 and "attn" not in n and "." in n}
+    # the adapter's bias-free `down` sees a frozen backbone's output: detached, its output
+    # would need no gradient (no D to record), so it keeps its weight
+    assert detached == {n for n in weights if n in gs and n != "down.weight"}, detached
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert (p.grad is None) == (n in detached), n
+    assert_grams(sg, gs, TOL[dtype])
+    assert_combine(sg, model, gs, S, gen, TOL[dtype])
+    assert_combine(sg, model, gs, S, gen, TOL[dtype], per_tensor=True)
+
+
+@pytest.mark.parametrize("order", ["ascending", "descending", "interleaved", "orthograd"])
+@pytest.mark.parametrize("name", ["cnn", "transformer"])
+def test_explicit_segment_orders(name, order, gen):
+    """One-row segments whose ids run in any order against the rows (the explicit path writes
+    contiguous ascending runs straight into the tiles, gathers otherwise)."""
+    seed_torch(gen)
+    model, make = ZOO[name]()
+    model = model.double()
+    N = 8
+    x, y = make(N, gen)
+    x = x.double()
+    seg, S = {
+        "ascending": (torch.arange(N), N),
+        "descending": (torch.arange(N).flip(0), N),
+        "interleaved": (torch.tensor([0, 2, 4, 6, 1, 3, 5, 7]), N),
+        "orthograd": (torch.tensor([3, 3, 3, 3, 0, 1, 2, -1]), 4),  # forget rows first
+    }[order]
+    gs = reference_segments(model, x, y, seg, S)
+    sg = run(model, x, y, seg, S, method="explicit")
+    assert_grams(sg, gs, 1e-10)
+    assert_combine(sg, model, gs, S, gen, 1e-10)
+
+
+def test_detached_weight_forward_error_restores_parameter(gen):
+    model = nn.Sequential(nn.Linear(4, 6), nn.Linear(5, 2))  # second layer: wrong in_features
+    sg = SampleGram(model, method="explicit")
+    with pytest.raises(RuntimeError):
+        with sg.record(torch.arange(3)):
+            try:
+                model(torch.randn(3, 7, 4, generator=gen))
+            finally:  # restored as soon as the failing forward returns, still inside record()
+                assert all(m._parameters["weight"] is m.weight and isinstance(m.weight, nn.Parameter) for m in model)
+    for m in model:
+        assert isinstance(m.weight, nn.Parameter) and m._parameters["weight"] is m.weight
+    assert_no_hooks(model)
+
+
+def test_detached_weight_loss_term_is_refused(gen):
+    """A loss term on a detached weight reaches it through autograd: caught, then refused."""
+    seed_torch(gen)
+    model, make = conv1d()
+    x, y = make(6, gen)
+    sg = SampleGram(model)
+    with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match="not the sum of per-row"):
+        with sg.record(torch.arange(6)):
+            (ce_sum(model(x), y) + 0.1 * model.c1.weight.square().sum()).backward()
+
+
+# --------------------------------------------------------------------------------------
 # segment edge cases
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["S1", "all_ignored_but_one", "one_row_each", "empty_tail"])
@@ -406,12 +528,20 @@ def test_sequence_rows_and_repeated_module(gen):
     model = Twice().double()
     x = torch.randn(9, 4, 5, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (9,), generator=gen)
-    seg = torch.tensor([0, 1, 1, 2, 0, -1, 2, 2, 0])
-    gs = reference_segments(model, x, y, seg, 3)
-    for method in ("ghost", "explicit"):
-        sg = run(model, x, y, seg, 3, method=method)
-        assert_grams(sg, gs, 1e-10)
-        assert_combine(sg, model, gs, 3, gen, 1e-10)
+    total = reference_segments(model, x, y, torch.zeros(9, dtype=torch.long), 1)
+    # ignored row; every row kept (detached weights, .grad from the tiles); record_grads=False
+    for seg, record_grads in (([0, 1, 1, 2, 0, -1, 2, 2, 0], True), ([0, 1, 1, 2, 0, 1, 2, 2, 0], True),
+                              ([0, 1, 1, 2, 0, -1, 2, 2, 0], False)):
+        seg = torch.tensor(seg)
+        gs = reference_segments(model, x, y, seg, 3)
+        for method in ("ghost", "explicit"):
+            model.zero_grad(set_to_none=True)
+            sg = run(model, x, y, seg, 3, method=method, record_grads=record_grads)
+            if record_grads:
+                for n, p in model.named_parameters():
+                    assert rel(p.grad, total[n][0]) < 1e-10, (n, method)
+            assert_grams(sg, gs, 1e-10)
+            assert_combine(sg, model, gs, 3, gen, 1e-10)
 
 
 # --------------------------------------------------------------------------------------
@@ -631,15 +761,16 @@ def test_gram_before_and_during_record(gen):
 
 
 def test_inplace_modified_input_is_detected(gen):
-    """Store mode reads the recorded inputs after the backward: changing them is caught."""
+    """Store mode forms the Grams when record() exits and reads the recorded inputs again in
+    combine (ghost layers): changing them in between is caught."""
     model, make = mlp()
     x, y = make(3, gen)
     sg = SampleGram(model)
     with sg.record(torch.arange(3)):
         ce_sum(model(x), y).backward()
+    K = sg.gram()
     x.mul_(2.0)
-    with pytest.raises(ValueError, match="in place"):
-        sg.gram()
+    assert torch.equal(sg.gram(), K)
     with pytest.raises(ValueError, match="in place"):
         sg.combine(torch.ones(3))
 

@@ -267,18 +267,31 @@ class Reuse(nn.Module):
         return out
 
 
+@pytest.mark.parametrize(
+    "kept,record_grads", [(False, True), (True, True), (False, False)], ids=["ignored_row", "all_kept", "no_grads"]
+)
 @pytest.mark.parametrize("which", ["embedding", "conv1d", "conv2d", "group_norm", "layer_norm", "linear"])
-def test_each_rule_detects_outside_use(which, gen):
+def test_each_rule_detects_outside_use(which, kept, record_grads, gen):
+    """With every row kept (or record_grads=False), the Linear/Conv weights are read detached
+    in their module (store mode): the outside use is then the only gradient autograd
+    delivers, which is caught too; .grad still ends up autograd's full gradient (with
+    record_grads; else only for the parameters that were not detached)."""
     seed_torch(gen)
     model = Reuse(which).double()
     x = torch.randint(0, 9, (8, 5), generator=gen)
     y = torch.randint(0, 3, (8,), generator=gen)
-    seg = torch.tensor([0, 1, 1, 2, -1, 0, 2, 3])
+    seg = torch.tensor([0, 1, 1, 2, 3 if kept else -1, 0, 2, 3])
     gs = reference_segments(model, x, y, seg, 4)
-    sg = SampleGram(model)
+    total = reference_segments(model, x, y, torch.zeros(8, dtype=torch.long), 1)
+    sg = SampleGram(model, record_grads=record_grads)
     with pytest.warns(RuntimeWarning, match="did not see"):
         with sg.record(seg, num_segments=4):
             ce_sum(model(x), y).backward()
+    detached = {g for rule in sg._rule_list() for g in rule.skipped}
+    assert bool(detached) == (kept or not record_grads), detached
+    for n, p in model.named_parameters():  # without record_grads, weights' .grad is combine's
+        if record_grads or not isinstance(getattr(model, n.split(".")[0]), (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            assert torch.allclose(p.grad, total[n][0], rtol=1e-10, atol=1e-12), n
     moved = [n for n, v in sg.coverage().items() if "outside its module" in v]
     assert len(moved) == 1, moved
     assert_grams(sg, gs, 1e-10)

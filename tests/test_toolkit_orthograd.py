@@ -230,3 +230,34 @@ def test_cnn_direction_matches_reference(gen):
     for n, g in _grads(model).items():
         torch.testing.assert_close(g, want[n], rtol=1e-9, atol=1e-11)
     assert stats["rank"] == B
+
+
+@pytest.mark.parametrize("rtol", [1e-4, 1e-7])
+def test_batched_per_tensor_solve_matches_gram_pinv(rtol, gen):
+    """per_tensor solves all tensors' Grams with one batched eigh (_solve_batched): it must
+    agree with the single-matrix path (linalg.gram_pinv) on rank-deficient Grams, zero rows
+    (a retain sample with zero gradient in that tensor) and an all-zero Gram."""
+    from orthograd_fast.orthograd import _solve, _solve_batched
+
+    nb, L = 9, 5
+    Ks, bs, ggs = [], [], []
+    for i in range(L):
+        G = torch.randn(nb, 4 + 3 * i, generator=gen, dtype=torch.float64)  # rank <= 4 + 3i
+        if i == 1:
+            G[[2, 5]] = 0.0  # zero rows
+        if i == 2:
+            G[3] = G[0] * 1e-3 + G[1]  # near-duplicate direction
+        if i == 4:
+            G.zero_()
+        g = torch.randn(G.shape[1], generator=gen, dtype=torch.float64)
+        Ks.append(G @ G.T)
+        bs.append(G @ g)
+        ggs.append(g @ g)
+    c, rank, Gr, rr = _solve_batched(torch.stack(Ks), torch.stack(bs), torch.stack(ggs), rtol)
+    for i in range(L):
+        c1, rank1, Gr1, rr1 = _solve(Ks[i], bs[i], ggs[i], rtol)
+        assert int(rank[i]) == rank1, i
+        scale = max(float(c1.norm()), 1.0)
+        assert float((c[i] - c1).norm()) <= 1e-9 * scale, i
+        assert torch.allclose(Gr[i], Gr1, rtol=1e-8, atol=1e-9 * float(bs[i].norm() + 1)), i
+        assert abs(float(rr[i] - rr1)) <= 1e-9 * float(ggs[i] + 1), i

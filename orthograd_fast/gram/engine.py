@@ -37,24 +37,53 @@ functionally outside its module, tied, a loss term on the weights) fails the pro
 moved, with a warning, to the whole-model fallback (that step) and to the tracer (later
 steps), which are exact if the model's rows are independent and the loss is a sum over
 rows; if even that does not add up, a ValueError explains. A wrong Gram is never returned
-silently.
+silently. For a detached weight (below) the check is exact instead of probabilistic: its
+own layer gives autograd nothing, so any gradient autograd delivers to it came from
+outside; the layer's own part is then added to the probe's autograd side, so that the
+fallback is checked against what autograd's full gradient would have been.
 
 Modes.
-* ``store`` (default): inputs and output gradients stay until the next ``record()`` /
-  ``close()``; ``gram()`` forms the Grams on first call; ``combine(w)`` is one GEMM per
-  layer (Σ_rows w_seg(r) D_rᵀ A_r, no second backward), and accepts per-tensor weights.
+* ``store`` (default): the Grams are formed when ``record()`` exits. ``combine(w)`` needs
+  no second backward: for a layer whose explicit Gram kept its per-segment gradients
+  X (S, numel) ("kept tiles", rules/matrix.py: explicit layers where X is no larger than
+  the layer's recorded input + output gradient, i.e. convolutions and sequence layers) it
+  is Σ_s w_s X_s, an (S)·(S x numel) contraction, and that layer's recorded tensors are
+  dropped right after its Gram; for the others (ghost layers, small tensors) one GEMM per
+  layer from the recorded tensors (Σ_rows w_seg(r) D_rᵀ A_r). Accepts per-tensor weights.
   Cost: one backward; memory: the layer inputs (which autograd keeps until the backward
-  anyway) plus every layer's output gradient, held until the next step.
+  anyway) plus every layer's output gradient until record() exits, then the kept tiles and
+  the ghost layers' tensors until the next step.
 * ``stream``: each layer's Gram is formed inside its backward hook and its tensors are
   dropped at once (torch.func-fallback modules and traced parameters keep theirs until the
   context exits), so the peak memory is a plain step's plus the Gram's tiles (measured
-  1.0-1.1x plain on the benchmark models, against 1.5-2x for store). The weighted combination
+  1.0-1.1x plain on the benchmark models). The weighted combination
   then needs a second forward/backward: run it under ``with sg.reweight(w):`` (scales each
   row's gradient at the model output by its segment's weight, so ``.grad`` becomes
   Σ_s w_s g_s), or backpropagate Σ_r ``sg.row_weights(w)[r]``·loss_r yourself. Global
   weights only. It pays when a step's activations dominate memory (long sequences, large
   images) and a second pass is cheaper than running out of memory; otherwise ``store``
   is faster (bench/RESULTS.md, "SampleGram (CPU)").
+
+Detached weights (store mode). A Linear/Conv weight whose Gram comes from per-segment
+gradients the engine forms anyway need not also be summed by autograd: a forward
+pre-hook swaps the module's ``weight`` for a detached alias for the duration of its
+forward (restored by a forward hook that runs first, and on any exception), so the
+backward skips that weight-gradient GEMM (1/3 of a Linear layer's step). Which layers:
+
+* ``record_grads=True`` (default, ``.grad`` after ``record()`` is autograd's summed
+  gradient, as after a plain backward): layers with kept tiles, when every row is in a
+  segment; their ``.grad`` is filled from the tiles, Σ_s X_s (S·numel adds instead of an
+  N·T·numel GEMM). Rows with id -1 are not in the tiles, so then nothing is detached.
+* ``record_grads=False`` (``OrthoGrad``: combine always follows): every Linear/Conv
+  weight, its ``.grad`` left for ``combine()`` to write (for a ghost layer combine is then
+  one GEMM over all rows instead of autograd's plus one over the rows off the dominant
+  weight).
+
+A layer is detached only if its output still needs a gradient without the weight (from
+its input or bias); the choice is made at its first call of the step and kept for its
+other calls. A graph built inside ``record()`` does not carry a detached weight's gradient
+after the context (a second backward of it outside ``record()`` skips that weight).
+nn.MultiheadAttention's projections are read from the graph and never detached.
 """
 from __future__ import annotations
 
@@ -68,7 +97,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils._pytree import tree_flatten
 
 from .rules import GramOptions, ModuleFallback, Probe, Rule, Segments, rule_class_for
-from .rules.base import Call, contract_probe, probe_shape
+from .rules.base import Call, probe_shape
 from .rules.fallback import per_row_grads, segment_results
 from .rules.norm import batchnorm_problem
 from .rules.traced import ParamTracer, traced_row_grads
@@ -95,12 +124,14 @@ class _Step:
         self.handles: list = []
         self.probes: dict[str, Probe] = {}
         self.grams: dict[str, torch.Tensor] = {}
-        self.rule_grams_ready = False
         self.seg_grads: dict[str, torch.Tensor] = {}
+        self.tiles: dict[str, torch.Tensor] = {}
         self.any_grad = False
         self.tracer: ParamTracer | None = None
         self.grad_was_none: dict[str, bool] = {}
         self.totals: dict[str, tuple] = {}
+        self.detach: dict[Rule, bool] = {}  # per rule: its weight is read detached this step
+        self.swapped: dict[nn.Module, nn.Parameter] = {}  # modules running with a detached weight
 
 
 def _tensors(obj) -> list[torch.Tensor]:
@@ -142,6 +173,11 @@ class SampleGram:
         backend: "auto" or "torch" (the CPU production path; no other backend yet).
         method: "auto" (per-layer cost model), "ghost" or "explicit", for Linear/Conv weights.
         precision: "fast" (fp32 products summed in fp64) or "high" (fp64 products).
+        record_grads: True: after ``record()`` the served parameters' ``.grad`` hold autograd's
+            summed gradient, as after a plain backward. False (store mode): Linear/Conv
+            weights are read detached in the forward, so autograd does not form their summed
+            gradient and their ``.grad`` is left for ``combine()`` to write: for callers that
+            always combine (``OrthoGrad``). Module docstring, "Detached weights".
     """
 
     def __init__(
@@ -153,6 +189,7 @@ class SampleGram:
         backend: str = "auto",
         method: str = "auto",
         precision: str = "fast",
+        record_grads: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise ValueError(f"SampleGram: model must be an nn.Module, got {type(model).__name__}")
@@ -167,6 +204,7 @@ class SampleGram:
         self.model = model
         self.mode = mode
         self.backend = backend
+        self.record_grads = bool(record_grads)
         # stream mode forms Grams while autograd still holds the activations: smaller tiles
         self._opts = GramOptions(method=method, precision=precision, budget=1 << (20 if mode == "stream" else 22))
         self._tracked = self._resolve_params(params)
@@ -177,7 +215,7 @@ class SampleGram:
         self._probe_vectors = self._make_probe_vectors()
 
     def _make_probe_vectors(self) -> dict[str, tuple]:
-        """One random unit rank-1 probe (u, w, w's factors) per parameter (rules.base.Probe),
+        """One random unit rank-1 probe (u, w, w's factors, casts) per parameter (rules.base.Probe),
         drawn from a private generator (the global RNG is untouched)."""
         gen = torch.Generator().manual_seed(0x5A3)
 
@@ -199,7 +237,7 @@ class SampleGram:
                     w = torch.kron(w, f)
             else:
                 w = unit(n)
-            out[gname] = (unit(m), w, factors)
+            out[gname] = (unit(m), w, factors, {})  # {} : casts of u, w (Probe.cast)
         return out
 
     # ---------------------------------------------------------------- construction
@@ -335,8 +373,16 @@ class SampleGram:
         return list(self._rules.values())
 
     def _install(self, step: _Step) -> None:
+        detach = not step.stream and (step.seg.all_kept or not self.record_grads)
         for rule in self._rule_list():
+            rule.skipped, rule.forced = set(), set()
             if rule.params:
+                if detach and rule.local("weight") is not None and not rule.deferred:
+                    m = rule.module  # swap in a detached weight; the restore hook runs first
+                    pre = partial(self._on_pre_forward, step, rule)
+                    step.handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+                    restore = partial(self._restore_weight, step)  # also when the forward raises
+                    step.handles.append(m.register_forward_hook(restore, prepend=True, always_call=True))
                 h = rule.module.register_forward_hook(partial(self._on_forward, step, rule), with_kwargs=True)
                 step.handles.append(h)
                 rule.notify = partial(self._on_rule_ready, step, rule) if step.stream and rule.deferred else None
@@ -346,14 +392,16 @@ class SampleGram:
             step.handles.append(m.register_forward_pre_hook(partial(self._check_bn, step, path)))
         for gname, p in self._tracked.items():
             step.grad_was_none[gname] = p.grad is None
-            u, w, factors = self._probe_vectors[gname]
-            step.probes[gname] = Probe(u, w, factors)
+            u, w, factors, cast = self._probe_vectors[gname]
+            step.probes[gname] = Probe(u, w, factors, cast=cast)
             step.handles.append(p.register_hook(partial(self._on_param_grad, step, gname)))
         if self._root.params:
             step.tracer = ParamTracer({g: self._tracked[g] for g in self._root.params}, step.seg.N)
             step.tracer.__enter__()
 
     def _uninstall(self, step: _Step) -> None:
+        for m in list(step.swapped):  # a forward interrupted before its hooks ran
+            self._restore_weight(step, m)
         if step.active and step.tracer is not None:
             step.tracer.__exit__(None, None, None)
             step.tracer.close()
@@ -373,6 +421,31 @@ class SampleGram:
                 f"SampleGram: BatchNorm {path!r} {problem}; per-sample gradients need independent "
                 "rows. Call .eval() on norm layers (e.g. model.eval()) before record()."
             )
+
+    def _on_pre_forward(self, step: _Step, rule: Rule, module, args, kwargs):
+        """Store mode: run the layer with its weight detached (Rule.detach_weight: with
+        ``record_grads``, only when its Gram will keep the segment gradients; decided at the
+        layer's first call of the step, then the same for every call). Module docstring,
+        "Detached weights"."""
+        if not step.active:
+            return
+        if rule not in step.detach:
+            need_tiles = self.record_grads
+            step.detach[rule] = rule.detach_weight(args, kwargs, step.seg, self._opts, need_tiles)
+            if step.detach[rule]:
+                rule.skipped.add(rule.local("weight"))
+                if need_tiles:
+                    rule.forced.add(rule.local("weight"))
+        if step.detach[rule]:
+            p = self._tracked[rule.local("weight")]
+            step.swapped[module] = p
+            module._parameters["weight"] = p.detach()
+
+    @staticmethod
+    def _restore_weight(step: _Step, module, *args) -> None:
+        p = step.swapped.pop(module, None)
+        if p is not None:
+            module._parameters["weight"] = p
 
     def _on_forward(self, step: _Step, rule: Rule, module, args, kwargs, output):
         if not step.active:
@@ -439,11 +512,7 @@ class SampleGram:
                 grams = rule.grams(calls, step.seg, self._opts)
                 rule.probe(calls, step.seg, step.probes)
             step.grams.update(grams)
-        rule.drop(calls)
-        for c in calls:
-            c.saved = None
-            c.grads = [None] * len(c.grads)
-            c.cache.clear()
+        self._drop_calls(rule, calls)
         step.done.add(rule)
 
     def _on_rule_ready(self, step: _Step, rule: Rule) -> None:
@@ -456,7 +525,7 @@ class SampleGram:
             return
         step.any_grad = True
         pr = step.probes[gname]
-        pr.autograd += contract_probe(g.to_dense() if g.is_sparse else g, pr.u, pr.w)
+        pr.autograd += pr.contract(g.to_dense() if g.is_sparse else g)
         pr.seen_autograd = True
 
     @staticmethod
@@ -477,6 +546,7 @@ class SampleGram:
                 "loss.backward() inside `with sg.record(...)`"
             )
         rules = [r for r in self._rule_list() if r.params]
+        tiles = None if step.stream else step.tiles
         for rule in rules:
             if rule.deferred:
                 continue
@@ -486,17 +556,27 @@ class SampleGram:
                     self._stream_process(step, rule)
             else:
                 self._check_versions(rule, calls)
-                rule.probe(calls, seg, step.probes)
+                step.grams.update(rule.grams(calls, seg, self._opts, tiles))
+                rule.probe(calls, seg, step.probes, tiles)
+                self._finish_detached(step, rule, calls)
+                self._drop_if_tiled(step, rule)
         for rule in rules:
             if rule.deferred and rule not in step.done:
                 calls = step.calls.get(rule, [])
                 self._check_versions(rule, calls)
-                grams, seg_grads = rule.finish(calls, seg, self._opts, step.probes)
+                grams, seg_grads = rule.finish(calls, seg, self._opts, step.probes, tiles=tiles)
                 step.grams.update(grams)
                 step.seg_grads.update(seg_grads)
+                if not step.stream:
+                    self._drop_if_tiled(step, rule)
+        skipped = {g for rule in rules for g in rule.skipped}
         moved = []
         for gname, pr in step.probes.items():
             if gname in self._root.params:
+                continue
+            if gname in skipped:  # any gradient autograd delivered came from outside the layer
+                if pr.seen_autograd:
+                    moved.append(gname)
                 continue
             slack = _FALLBACK_SLACK if gname in step.seg_grads else _RULE_SLACK
             if pr.mismatch(torch.finfo(self._tracked[gname].dtype).eps, slack):
@@ -515,6 +595,47 @@ class SampleGram:
         step.tracer = None
         step.finished = True
 
+    def _finish_detached(self, step: _Step, rule: Rule, calls) -> None:
+        """Weights the rule's calls read detached. With ``record_grads`` add the layer's part
+        Σ_s g_s (every row is kept) to ``.grad``, where autograd would have put it. If
+        autograd still delivered a gradient (from outside the layer: the parameter will be
+        rerouted), add the layer's part to the probe's autograd side too, so that it holds
+        what autograd's full gradient would have given (the fallback checks against it)."""
+        for gname in rule.skipped:
+            pr = step.probes[gname]
+            if pr.seen_autograd:
+                fresh = {g: Probe(q.u, q.w, q.w_factors) for g in rule.params.values() for q in [step.probes[g]]}
+                skipped, rule.skipped = rule.skipped, set()
+                try:
+                    rule.probe(calls, step.seg, fresh, step.tiles)
+                finally:
+                    rule.skipped = skipped
+                pr.autograd += fresh[gname].engine
+            X = step.tiles.get(gname)
+            if self.record_grads and X is not None:
+                p = self._tracked[gname]
+                part = (X.new_ones(X.shape[0]) @ X).view(p.shape).to(p.dtype)  # Σ_s X_s as a GEMV
+                if p.grad is None:
+                    p.grad = part
+                else:
+                    p.grad += part
+
+    @staticmethod
+    def _drop_calls(rule: Rule, calls) -> None:
+        """Release a rule's recorded tensors (hooks on a retained graph may keep the Call
+        objects, so the calls are emptied, not just forgotten)."""
+        rule.drop(calls)
+        for c in calls:
+            c.saved = None
+            c.grads = [None] * len(c.grads)
+            c.cache.clear()
+
+    def _drop_if_tiled(self, step: _Step, rule: Rule) -> None:
+        """Store mode: once every parameter of the rule has kept segment gradients (tiles),
+        combine needs nothing else from its calls: free their inputs and output gradients."""
+        if rule in step.calls and all(g in step.tiles for g in rule.params.values()):
+            self._drop_calls(rule, step.calls.pop(rule))
+
     def _reroute(self, gname: str, step: _Step) -> None:
         """Move a parameter whose probe failed to the whole-model fallback (sticky)."""
         where = "<unknown>"
@@ -525,6 +646,10 @@ class SampleGram:
                     where = rule.path or "<root>"
         step.grams.pop(gname, None)
         step.seg_grads.pop(gname, None)
+        step.tiles.pop(gname, None)
+        for rule in self._rule_list():
+            rule.skipped.discard(gname)
+            rule.forced.discard(gname)
         self._to_root(gname, f"gradient from outside its module {where!r} (used functionally or tied)")
         warnings.warn(
             f"SampleGram: parameter {gname!r} received gradient that the hooks of its module "
@@ -537,7 +662,9 @@ class SampleGram:
     def _fresh_probes(self, step: _Step, names) -> None:
         for g in names:
             pr = step.probes[g]
-            step.probes[g] = Probe(pr.u, pr.w, pr.w_factors, autograd=pr.autograd, seen_autograd=pr.seen_autograd)
+            step.probes[g] = Probe(
+                pr.u, pr.w, pr.w_factors, autograd=pr.autograd, seen_autograd=pr.seen_autograd, cast=pr.cast
+            )
 
     def _bad(self, step: _Step, names) -> list[str]:
         return [
@@ -602,17 +729,6 @@ class SampleGram:
             raise RuntimeError(f"SampleGram.{what}() is available after the record() context exits")
         return step
 
-    def _ensure_grams(self, step: _Step) -> None:
-        if step.rule_grams_ready or step.stream:
-            return
-        with _no_tf32():
-            for rule in self._rule_list():
-                if rule.params and not rule.deferred:
-                    calls = step.calls.get(rule, [])
-                    self._check_versions(rule, calls)
-                    step.grams.update(rule.grams(calls, step.seg, self._opts))
-        step.rule_grams_ready = True
-
     def gram(self, per_tensor: bool = False):
         """fp64 Gram of the per-segment gradients: (S, S), or {param name: (S, S)}.
 
@@ -620,7 +736,6 @@ class SampleGram:
         per-tensor ones (the inner product of concatenated vectors).
         """
         step = self._finished_step("gram")
-        self._ensure_grams(step)
         S = step.seg.S
         out = {}
         for gname, p in self._tracked.items():
@@ -663,10 +778,12 @@ class SampleGram:
     def combine(self, weights) -> None:
         """Write Σ_s weights[s]·g_s into ``p.grad`` of every served parameter.
 
-        weights: (S,) (one vector for all parameters) or {param name: (S,)}. Store mode only:
-        one GEMM per layer from the recorded inputs and output gradients (no second
-        backward). While ``.grad`` still holds autograd's gradient of the recorded step it is
-        reused in place: Σ_r w_r g_r = w*·Σ_r g_r + Σ_{w_r != w*} (w_r - w*)·g_r with w* the
+        weights: (S,) (one vector for all parameters) or {param name: (S,)}. Store mode only,
+        no second backward: Σ_s w_s X_s for parameters with kept segment gradients X
+        (S, numel), else one GEMM per layer from the recorded inputs and output gradients.
+        While ``.grad`` still holds autograd's gradient of the recorded step (or, for a
+        detached weight, the one formed from its tiles) its buffer is reused in place, and
+        for the GEMM Σ_r w_r g_r = w*·Σ_r g_r + Σ_{w_r != w*} (w_r - w*)·g_r with w* the
         most common row weight (rules.base.dominant_weight). In stream mode use
         :meth:`reweight` (module docstring).
         """
@@ -686,13 +803,17 @@ class SampleGram:
             if self._tracked[g].grad is t and t._version == version:
                 totals[g] = t
         for rule in self._rule_list():
-            names = [g for g in rule.params.values() if g not in step.seg_grads]
+            names = [g for g in rule.params.values() if g not in step.seg_grads and g not in step.tiles]
             if names:
                 calls = step.calls.get(rule, [])
                 self._check_versions(rule, calls)
                 grads.update(
                     rule.combine(calls, step.seg, {g: W[g] for g in names}, {g: totals.get(g) for g in names})
                 )
+        for gname, X in step.tiles.items():  # (S, numel): Σ_s w_s X_s, into .grad's buffer if free
+            w, t = W[gname].to(X.device, X.dtype), totals.get(gname)
+            out = t.view(-1) if t is not None and t.dtype == X.dtype and t.is_contiguous() else None
+            grads[gname] = torch.mv(X.T, w, out=out) if out is not None else torch.mv(X.T, w)
         for gname, X in step.seg_grads.items():
             grads[gname] = torch.tensordot(W[gname].to(X.device, X.dtype), X, dims=1)
         for gname, p in self._tracked.items():

@@ -63,7 +63,8 @@ def _find_consumers(out: torch.Tensor, targets: dict, stop: set) -> dict[str, li
 
 
 class _Slot:
-    """One projection of one call: its input A (rows, in) and output gradient D (rows, out)."""
+    """One projection of one call: its input A ((L·N, in) as the graph saved it, or the
+    in-projection's (N, L, E) query) and output gradient D (L·N, out)."""
 
     __slots__ = ("A", "D")
 
@@ -123,6 +124,8 @@ class AttentionRule(Rule):
             saved["handles"].append(node.register_prehook(partial(self._on_grad, graph[which])))
         if not torch.equal(graph["in"].A.view(L, N, E), query.detach().transpose(0, 1)):
             return saved
+        if query.is_contiguous():  # the same rows, already in (N, L, E) order: no copy later
+            graph["in"].A = query.detach()
         saved["graph"] = graph
         saved["NL"] = (N, L)
         return saved
@@ -164,14 +167,18 @@ class AttentionRule(Rule):
                     continue
                 key = f"linear_{which}"
                 if key not in c.cache:
-                    A = slot.A.view(L, N, -1).transpose(0, 1)
-                    D = slot.D.view(L, N, -1).transpose(0, 1)
+                    # one copy into (N, L, ·) order: the Linear rule's batched tile GEMMs and
+                    # reductions over (L, N)-ordered views run ~2x slower than the copy costs
+                    # (the in-projection's A is the query itself when that was contiguous)
+                    A = slot.A if slot.A.dim() == 3 else slot.A.view(L, N, -1).transpose(0, 1).contiguous()
+                    D = slot.D.view(L, N, -1).transpose(0, 1).contiguous()
                     c.cache[key] = Call(saved=A, grads=[D])
                 out[which].append(c.cache[key])
         return out
 
-    def finish(self, calls: list[Call], seg: Segments, opts: GramOptions, probes: dict[str, Probe]):
-        """Grams from the graph-read projections, or from the per-row fallback (then also
+    def finish(self, calls: list[Call], seg: Segments, opts: GramOptions, probes: dict[str, Probe], tiles=None):
+        """Grams from the graph-read projections (with ``tiles``, the Linear rule's kept
+        segment gradients go there, Rule.grams), or from the per-row fallback (then also
         segment gradients for combine)."""
         lin = self._linear_calls(calls)
         self.fallen_back = lin is None
@@ -183,8 +190,8 @@ class AttentionRule(Rule):
         for which in ("in", "out"):
             sub = self._sub(which)
             if sub.params:
-                grams.update(sub.grams(lin[which], seg, opts))
-                sub.probe(lin[which], seg, probes)
+                grams.update(sub.grams(lin[which], seg, opts, tiles))
+                sub.probe(lin[which], seg, probes, tiles)
                 self.methods.update(sub.methods)
         return grams, {}
 
@@ -193,7 +200,7 @@ class AttentionRule(Rule):
         out = {}
         for which in ("in", "out"):
             sub = self._sub(which)
-            if sub.params:
+            if any(g in weights for g in sub.params.values()):
                 out.update(sub.combine(lin[which], seg, weights, totals))
         return out
 

@@ -15,7 +15,8 @@ height 1. Patches are unfolded in row chunks inside the Gram, never for the whol
 combine uses the convolution's own weight-gradient kernel on row-scaled output gradients
 (``aten.convolution_backward``, output_mask (False, True, False)): no patches at all; like
 Linear, only over the rows whose weight differs from the most common one when autograd's
-summed gradient is known (base.dominant_weight). The
+summed gradient is known (base.dominant_weight); or Σ_s w_s X_s in the engine when the
+explicit Gram kept the segment gradients (matrix.py, "Kept tiles"). The
 probe uᵀ(ΣdW)w = Σ_{r,l,g} (D_g·u_g)(A_g·w) is a depthwise conv of a channel
 contraction of xp (the probe's w is v ⊗ k, rules.base.Probe).
 """
@@ -37,6 +38,7 @@ from .base import (
     dominant_weight,
     gram_from_row_grads,
     probe_row_grads,
+    probe_tiles,
     register_rule,
     sq_norm,
 )
@@ -77,6 +79,27 @@ class ConvRows:
         else:
             self.kernel, self.dilation, self.stride = module.kernel_size, module.dilation, module.stride
 
+    def held(self) -> int:
+        return self.x.numel() + self.g.numel()
+
+    def xp(self, idx) -> torch.Tensor:
+        """Padded input of rows idx (the whole batch is padded once per call and cached)."""
+        if "xp" not in self.cache:
+            self.cache["xp"] = _pad(self.m, self.x)
+        return matrix.take(self.cache["xp"], idx)
+
+    def conv_input(self, idx) -> tuple[torch.Tensor, list[int]]:
+        """(input rows idx, padding) for the convolution's weight-gradient kernel, in the
+        compute dtype: with zero padding, equal on both sides, the unpadded rows and the
+        module's padding (the kernel pads implicitly: no padded copy of the activation),
+        else the padded rows and no padding."""
+        pads = self.m._reversed_padding_repeated_twice  # F.pad order: last spatial dim first
+        if self.m.padding_mode == "zeros" and all(pads[2 * j] == pads[2 * j + 1] for j in range(self.nd)):
+            x, padding = matrix.take(self.x, idx), [pads[2 * (self.nd - 1 - i)] for i in range(self.nd)]
+        else:
+            x, padding = self.xp(idx), [0] * self.nd
+        return x.to(self.dtype), padding
+
     def bias_rows(self) -> torch.Tensor:
         """(N, C_out) per-row bias gradients Σ_l D[r, :, l] (cached on the call)."""
         if "bias_rows" not in self.cache:
@@ -89,16 +112,36 @@ class ConvRows:
         if (p0, p1, d0, d1) != (0, self.p, 0, self.d):
             return matrix.segment_tile_from_chunk(self, idx, p0, p1, d0, d1)
         m = self.m
-        x = _pad(m, matrix.take(self.x, idx)).to(self.dtype)
+        x, padding = self.conv_input(idx)
         g = matrix.take(self.g, idx).reshape(x.shape[0], -1, *self.out_shape).to(self.dtype)
         gW = torch.ops.aten.convolution_backward(
-            g, x, m.weight.to(self.dtype), None, m.stride, [0] * self.nd, m.dilation, False,
+            g, x, m.weight.detach().to(self.dtype), None, m.stride, padding, m.dilation, False,
             [0] * self.nd, self.G, (False, True, False),
         )[1]
         return gW.reshape(self.G, self.p, self.d)
 
+    def row_tiles(self, idx, p0, p1, d0, d1, out=None):
+        """Whole-weight tiles: the weight gradient of one grouped convolution with the rows
+        as n·G groups (input (1, n·C_in, ...), output gradient (1, n·C_out, ...)): as fast
+        as unfold + batched GEMM within a step on CPU (measured), without the (n, d, L)
+        patch copy; a partial tile unfolds patches (matrix.row_tiles_from_chunk)."""
+        if (p0, p1, d0, d1) != (0, self.p, 0, self.d):
+            return matrix.row_tiles_from_chunk(self, idx, p0, p1, d0, d1, out)
+        m = self.m
+        x, padding = self.conv_input(idx)
+        n = x.shape[0]
+        g = matrix.take(self.g, idx).to(self.dtype)  # [n, G, p, L]
+        kernel = m.kernel_size
+        gW = torch.ops.aten.convolution_backward(
+            g.reshape(1, n * m.out_channels, *self.out_shape), x.reshape(1, n * m.in_channels, *x.shape[2:]),
+            x.new_empty((1,) * (2 + self.nd)).expand(n * m.out_channels, m.in_channels // self.G, *kernel), None,
+            m.stride, padding, m.dilation, False, [0] * self.nd, n * self.G, (False, True, False),
+        )[1]
+        R = gW.reshape(n, self.G, self.p, self.d)
+        return R if out is None else out.copy_(R)
+
     def chunk(self, idx):
-        xp = _pad(self.m, matrix.take(self.x, idx))
+        xp = self.xp(idx)
         if self.nd == 1:
             xp = xp.unsqueeze(2)
         n, C, _, _ = xp.shape
@@ -128,6 +171,25 @@ class ConvRule(Rule):
         nd = 1 if isinstance(self.module, nn.Conv1d) else 2
         return saved.shape[0] if saved.dim() == nd + 2 else -1
 
+    def detach_weight(self, args, kwargs, seg: Segments, opts: GramOptions, need_tiles: bool) -> bool:
+        x = args[0] if args else kwargs["input"]
+        m = self.module
+        nd = 1 if isinstance(m, nn.Conv1d) else 2
+        # the output must still need a gradient (so its hook sees D): from x or the bias
+        if x.dim() != nd + 2 or not (x.requires_grad or (m.bias is not None and m.bias.requires_grad)):
+            return False
+        if not need_tiles:
+            return True
+        pads = m._reversed_padding_repeated_twice  # F.pad order: last spatial dim first
+        L = 1
+        for i, size in enumerate(x.shape[2:]):
+            j = nd - 1 - i
+            span = size + pads[2 * j] + pads[2 * j + 1] - m.dilation[i] * (m.kernel_size[i] - 1) - 1
+            L *= max(0, span // m.stride[i] + 1)
+        G, N = m.groups, x.shape[0]
+        d, p = (m.in_channels // G) * math.prod(m.kernel_size), m.out_channels // G
+        return matrix.keeps_tiles(N, L, G, d, p, seg.S, x.numel() + N * m.out_channels * L, opts)
+
     def _rows(self, calls) -> list[ConvRows]:
         return [ConvRows(self.module, c.saved, c.grad, c.cache) for c in calls if c.grad is not None]
 
@@ -135,17 +197,24 @@ class ConvRule(Rule):
     def _bias_rows(rows: list[ConvRows]) -> torch.Tensor:
         return sum(r.bias_rows() for r in rows)  # [N, C_out]
 
-    def grams(self, calls, seg: Segments, opts: GramOptions):
+    def grams(self, calls, seg: Segments, opts: GramOptions, tiles=None):
         rows = self._rows(calls)
         out = {}
         gw, gb = self.local("weight"), self.local("bias")
         name = self.kind
         if gw is not None and rows:
-            method = matrix.choose_method(rows, seg, opts)
-            out[gw] = matrix.gram(rows, seg, opts, method)
+            force = gw in self.forced
+            method = "explicit" if force else matrix.choose_method(rows, seg, opts)
+            out[gw], X, Kb = matrix.gram(
+                rows, seg, opts, method, keep=tiles is not None, force_keep=force, bias=gb is not None
+            )
+            if X is not None:
+                tiles[gw] = X
+            if Kb is not None:
+                out[gb] = Kb
             self.methods[gw] = f"{name}:{method}"
-        if gb is not None and rows:
-            out[gb] = gram_from_row_grads(self._bias_rows(rows), seg, opts.precision)
+        if gb is not None and rows and gb not in out:
+            out[gb] = gram_from_row_grads(self._bias_rows(rows), seg, opts.precision, tiles, gb)
             self.methods[gb] = f"{name}:bias"
         return out
 
@@ -154,7 +223,7 @@ class ConvRule(Rule):
         out = {}
         gw, gb = self.local("weight"), self.local("bias")
         rows = self._rows(calls)
-        if gw is not None and rows:
+        if gw in weights and rows:
             r0 = rows[0]
             wr = seg.row_weights(weights[gw], r0.device, r0.dtype)
             dom = dominant_weight(wr) if totals.get(gw) is not None else None
@@ -163,21 +232,21 @@ class ConvRule(Rule):
                 total = totals[gw]
                 out[gw] = total.mul_(w_star) if total.dtype == r0.dtype else w_star * total.to(r0.dtype)
                 wr = wr[idx] - w_star
+                idx = matrix.as_slice(idx)
             else:
                 idx = slice(None)
             for r in rows:
-                x = matrix.take(r.x, idx).to(r.dtype)
+                x, padding = r.conv_input(idx)
                 if x.shape[0] == 0:
                     continue
                 g = matrix.take(r.g, idx).reshape(x.shape[0], -1, *r.out_shape).to(r.dtype)
                 Dw = g * wr.view((-1,) + (1,) * (g.dim() - 1))
-                nd = x.dim() - 2
                 gW = torch.ops.aten.convolution_backward(
-                    Dw, _pad(m, x), m.weight.to(r.dtype), None, m.stride, [0] * nd,
-                    m.dilation, False, [0] * nd, m.groups, (False, True, False),
+                    Dw, x, m.weight.detach().to(r.dtype), None, m.stride, padding,
+                    m.dilation, False, [0] * r.nd, m.groups, (False, True, False),
                 )[1]
                 out[gw] = out[gw] + gW if gw in out else gW
-        if gb is not None:
+        if gb in weights:
             for r in rows:
                 gB = seg.row_weights(weights[gb], r.device, r.dtype) @ r.bias_rows()
                 out[gb] = out[gb] + gB if gb in out else gB
@@ -188,40 +257,57 @@ class ConvRule(Rule):
             return (self.module.in_channels // self.module.groups, math.prod(self.module.kernel_size))
         return ()
 
-    def probe(self, calls, seg: Segments, probes: dict[str, Probe]) -> None:
+    def probe(self, calls, seg: Segments, probes: dict[str, Probe], tiles=None) -> None:
         """Weight probe u ⊗ (v ⊗ k): Σ_{r,l,g} (D_g·u_g)(A_g·(v ⊗ k)), where A_g·(v ⊗ k) is the
-        depthwise conv, kernel k, of the channel contraction Σ_c v_c xp[:, g, c]; the noise
-        term uses the depthwise conv of Σ_c xp² with ones (Probe docstring)."""
+        depthwise conv, kernel k, of the channel contraction Σ_c v_c xp[:, g, c]; or, with
+        the kept tiles, uᵀ(Σ_s X_s)w plus that sum over the ignored rows only. The noise term
+        Σ_{r,l,g} |D_g|²|A_g|² uses the depthwise conv of Σ_c xp² with ones (Probe docstring)."""
         rows = self._rows(calls)
         if not rows:
             return
-        m = self.module
+        tiles = tiles or {}
         gw, gb = self.local("weight"), self.local("bias")
-        if gw is not None:
+        if gw is not None and gw not in self.skipped:  # a detached weight needs no probe
             pr = probes[gw]
-            v, k = pr.w_factors
-            conv = F.conv1d if rows[0].nd == 1 else F.conv2d
-            G = m.groups
+            ign = None
+            if gw in tiles:
+                pr.add(probe_tiles(pr, tiles[gw]), 0.0, 0)
+                ign = seg.ignored_rows(rows[0].device)
             for r in rows:
-                xp = _pad(m, r.x).to(r.dtype)
-                spatial = xp.shape[2:]
-                xg = xp.reshape(r.N, G, -1, math.prod(spatial))  # [N, G, C/G, HW]
-                ones_c = xg.new_ones((1, 1, 1, xg.shape[2]))
-                # channel contractions as matmuls: middle-dim reductions are ~10x slower on CPU
-                xv = torch.matmul(v.to(xp.device, r.dtype).view(1, 1, 1, -1), xg).view(r.N, G, *spatial)
-                x2 = torch.matmul(ones_c, xg.square()).view(r.N, G, *spatial)
-                kern = k.to(xp.device, r.dtype).view(1, 1, *m.kernel_size).expand(G, 1, *m.kernel_size)
-                Aw = conv(xv, kern, None, m.stride, 0, m.dilation, G).reshape(r.N, G, -1)  # [N, G, L]
-                A2 = conv(x2, torch.ones_like(kern), None, m.stride, 0, m.dilation, G).reshape(r.N, G, -1)
-                D = r.g.to(r.dtype)  # [N, G, p, L]
-                Du = torch.matmul(pr.u.to(D.device, r.dtype).view(1, G, 1, r.p), D).squeeze(2)  # [N, G, L]
-                D2 = torch.matmul(D.new_ones((1, 1, 1, r.p)), D.square()).squeeze(2)  # [N, G, L]
-                pr.add(
-                    float((Du.double() * Aw.double()).sum()),
-                    float((D2.double() * A2.double()).sum()),
-                    r.N * r.L,
-                )
+                value, noise2 = self._probe_rows(r, pr, ign)
+                pr.add(value, noise2, r.N * r.L)
         if gb is not None:
             noise2 = sum(float(sq_norm(r.g)) for r in rows)
             count = sum(r.N * r.L for r in rows)
-            probe_row_grads(probes[gb], self._bias_rows(rows), noise2, count)
+            pr = probes[gb]
+            if gb in tiles and seg.all_kept:
+                pr.add(probe_tiles(pr, tiles[gb]), noise2, count)
+            else:
+                probe_row_grads(pr, self._bias_rows(rows), noise2, count)
+
+    def _probe_rows(self, r: ConvRows, pr: Probe, value_rows) -> tuple[float, float]:
+        """(Σ over rows of (D_g·u_g)(A_g·w), noise2 over all rows) for one call; the value
+        only over ``value_rows`` (index tensor) when given."""
+        m = self.module
+        v, k = pr.w_factors
+        conv = F.conv1d if r.nd == 1 else F.conv2d
+        G = m.groups
+        xp = r.xp(slice(None)).to(r.dtype)
+        spatial = xp.shape[2:]
+        xg = xp.reshape(r.N, G, -1, math.prod(spatial))  # [N, G, C/G, HW]
+        kern = k.to(xp.device, r.dtype).view(1, 1, *m.kernel_size).expand(G, 1, *m.kernel_size)
+        # channel contractions as matmuls: middle-dim reductions are ~10x slower on CPU
+        x2 = torch.matmul(xg.new_ones((1, 1, 1, xg.shape[2])), xg.square()).view(r.N, G, *spatial)
+        A2 = conv(x2, torch.ones_like(kern), None, m.stride, 0, m.dilation, G).reshape(r.N, G, -1)
+        D = r.g.to(r.dtype)  # [N, G, p, L]
+        D2 = torch.matmul(D.new_ones((1, 1, 1, r.p)), D.square()).squeeze(2)  # [N, G, L]
+        noise2 = float((D2.double() * A2.double()).sum())
+        if value_rows is not None:
+            if value_rows.numel() == 0:
+                return 0.0, noise2
+            xg, D = xg.index_select(0, value_rows), D.index_select(0, value_rows)
+        n = xg.shape[0]
+        xv = torch.matmul(v.to(xp.device, r.dtype).view(1, 1, 1, -1), xg).view(n, G, *spatial)
+        Aw = conv(xv, kern, None, m.stride, 0, m.dilation, G).reshape(n, G, -1)  # [n, G, L]
+        Du = torch.matmul(pr.u.to(D.device, r.dtype).view(1, G, 1, r.p), D).squeeze(2)  # [n, G, L]
+        return float((Du.double() * Aw.double()).sum()), noise2

@@ -76,7 +76,7 @@ class EmbeddingRule(Rule):
             return None
         return torch.cat(vs), torch.cat(rs), torch.cat(ds)
 
-    def grams(self, calls, seg: Segments, opts: GramOptions):
+    def grams(self, calls, seg: Segments, opts: GramOptions, tiles=None):
         gw = self.local("weight")
         flat = self._flat(calls, seg, kept_only=True)
         if gw is None or flat is None:
@@ -118,7 +118,7 @@ class EmbeddingRule(Rule):
         out[uniq] = segment_sum(D.to(dtype) * wr[:, None], inv, uniq.numel())
         return {gw: out}
 
-    def probe(self, calls, seg: Segments, probes: dict[str, Probe]) -> None:
+    def probe(self, calls, seg: Segments, probes: dict[str, Probe], tiles=None) -> None:
         gw = self.local("weight")
         flat = self._flat(calls, seg, kept_only=False)
         if gw is None or flat is None:

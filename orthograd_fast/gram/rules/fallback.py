@@ -130,7 +130,7 @@ class ModuleFallback(Rule):
     def capture(self, module, args, kwargs, output):
         return (args, kwargs)
 
-    def finish(self, calls: list[Call], seg: Segments, opts: GramOptions, probes: dict[str, Probe]):
+    def finish(self, calls: list[Call], seg: Segments, opts: GramOptions, probes: dict[str, Probe], tiles=None):
         """Grams {name: (S, S)} and segment gradients {name: (S, *shape)}; adds to probes."""
         return segment_results(per_row_grads(self.module, self.params, calls, seg.N), seg, opts, probes)
 

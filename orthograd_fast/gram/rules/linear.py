@@ -10,7 +10,8 @@ parameter tensor: no weight-bias cross term exists in <g_s, g_t> (a sum over par
 
 combine: Σ_s w_s g_s = Σ_rows w_seg(r) D_rᵀ x_r, one GEMM of the row-scaled D with x, over
 only the rows whose weight differs from the most common one when autograd's summed
-gradient of the step is still in ``.grad`` (base.dominant_weight).
+gradient of the step is still in ``.grad`` (base.dominant_weight); or, when the explicit
+Gram kept the segment gradients (matrix.py, "Kept tiles"), Σ_s w_s X_s in the engine.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from .base import (
     dominant_weight,
     gram_from_row_grads,
     probe_row_grads,
+    probe_tiles,
     register_rule,
     sq_norm,
 )
@@ -48,6 +50,9 @@ class LinearRows:
         self.device = x.device
         self.dtype = compute_dtype(x, g)
 
+    def held(self) -> int:
+        return self.x.numel() + self.g.numel()
+
     def bias_rows(self) -> torch.Tensor:
         """(N, p) per-row bias gradients Σ_t D_{r,t} (cached on the call)."""
         if "bias_rows" not in self.cache:
@@ -58,6 +63,9 @@ class LinearRows:
         x = matrix.take(self.x, idx).reshape(-1, self.d)[:, d0:d1].to(self.dtype)  # [n·T, td]
         g = matrix.take(self.g, idx).reshape(-1, self.p)[:, p0:p1].to(self.dtype)  # [n·T, tp]
         return (g.T @ x).unsqueeze(0)  # [1, tp, td]
+
+    def row_tiles(self, idx, p0, p1, d0, d1, out=None):
+        return matrix.row_tiles_from_chunk(self, idx, p0, p1, d0, d1, out)
 
     def chunk(self, idx):
         A = matrix.take(self.x, idx).transpose(1, 2).unsqueeze(1)  # [n, 1, d, T]
@@ -76,20 +84,39 @@ class LinearRule(Rule):
     def batch_rows(self, saved) -> int:
         return saved.shape[0] if saved.dim() >= 2 else -1
 
+    def detach_weight(self, args, kwargs, seg: Segments, opts: GramOptions, need_tiles: bool) -> bool:
+        x = args[0] if args else kwargs["input"]
+        m = self.module
+        # the output must still need a gradient (so its hook sees D): from x or the bias
+        if x.dim() < 2 or not (x.requires_grad or (m.bias is not None and m.bias.requires_grad)):
+            return False
+        if not need_tiles:
+            return True
+        N, d, p = x.shape[0], m.in_features, m.out_features
+        T = x.numel() // max(1, N * d)
+        return matrix.keeps_tiles(N, T, 1, d, p, seg.S, x.numel() + N * T * p, opts)
+
     def _rows(self, calls: list[Call]) -> list[LinearRows]:
         return [LinearRows(c.saved, c.grad, c.cache) for c in calls if c.grad is not None]
 
-    def grams(self, calls, seg: Segments, opts: GramOptions):
+    def grams(self, calls, seg: Segments, opts: GramOptions, tiles=None):
         rows = self._rows(calls)
         out = {}
         gw, gb = self.local("weight"), self.local("bias")
         if gw is not None:
             if rows:
-                method = matrix.choose_method(rows, seg, opts)
-                out[gw] = matrix.gram(rows, seg, opts, method)
+                force = gw in self.forced
+                method = "explicit" if force else matrix.choose_method(rows, seg, opts)
+                out[gw], X, Kb = matrix.gram(
+                    rows, seg, opts, method, keep=tiles is not None, force_keep=force, bias=gb is not None
+                )
+                if X is not None:
+                    tiles[gw] = X
+                if Kb is not None:
+                    out[gb] = Kb
                 self.methods[gw] = f"linear:{method}"
-        if gb is not None and rows:
-            out[gb] = gram_from_row_grads(self._bias_rows(rows), seg, opts.precision)
+        if gb is not None and rows and gb not in out:
+            out[gb] = gram_from_row_grads(self._bias_rows(rows), seg, opts.precision, tiles, gb)
             self.methods[gb] = "linear:bias"
         return out
 
@@ -101,47 +128,87 @@ class LinearRule(Rule):
         rows = self._rows(calls)
         out = {}
         gw, gb = self.local("weight"), self.local("bias")
-        if gw is not None and rows:
+        if gw in weights and rows:
             r0 = rows[0]
             wr = seg.row_weights(weights[gw], r0.device, r0.dtype)
             dom = dominant_weight(wr) if totals.get(gw) is not None else None
             if dom is not None:  # w*·G + Σ over the other rows (base.dominant_weight)
                 w_star, idx = dom
-                total = totals[gw]
-                # in place in autograd's .grad, which combine overwrites anyway: no new
-                # (p, d) buffer (fresh pages cost as much as the GEMM on a small VM)
-                out[gw] = total.mul_(w_star) if total.dtype == r0.dtype else w_star * total.to(r0.dtype)
+                # accumulate in place in autograd's .grad, which combine overwrites anyway: no
+                # new (p, d) buffer (fresh pages cost as much as the GEMM on a small VM); the
+                # first GEMM scales it by w* (beta)
+                total, beta = totals[gw], float(w_star)
+                if total.dtype != r0.dtype:
+                    total, beta = beta * total.to(r0.dtype), 1.0
                 wr = wr[idx] - w_star
+                idx = matrix.as_slice(idx)
             else:
-                idx = slice(None)
+                total, beta, idx = None, 0.0, slice(None)
             for r in rows:
                 x = matrix.take(r.x, idx).reshape(-1, r.d).to(r.dtype)
                 Dw = (matrix.take(r.g, idx).to(r.dtype) * wr[:, None, None]).reshape(-1, r.p)
-                if gw in out:
-                    out[gw].addmm_(Dw.T, x)
+                if total is None:
+                    total, beta = Dw.T @ x, 1.0  # [p, d]
                 else:
-                    out[gw] = Dw.T @ x  # [p, d]
-        if gb is not None:
+                    total.addmm_(Dw.T, x, beta=beta)
+                    beta = 1.0
+            if beta != 1.0:  # no row outside the dominant weight
+                total.mul_(beta)
+            out[gw] = total
+        if gb in weights:
             for r in rows:
                 gB = seg.row_weights(weights[gb], r.device, r.dtype) @ r.bias_rows()
                 out[gb] = out[gb] + gB if gb in out else gB
         return out
 
-    def probe(self, calls, seg: Segments, probes: dict[str, Probe]) -> None:
-        """Weight: Σ_f (D_f·u)(x_f·w) over all positions f; bias: Σ_f D_f·w (Probe docstring)."""
+    def probe(self, calls, seg: Segments, probes: dict[str, Probe], tiles=None) -> None:
+        """Weight: Σ_f (D_f·u)(x_f·w) over all positions f, or uᵀ(Σ_s X_s)w from the kept
+        tiles plus that sum over the ignored rows; bias: Σ_f D_f·w (Probe docstring). The
+        noise term Σ_f |x_f|²|D_f|² is reduced on the (N, T, ·) views (no row copies)."""
         rows = self._rows(calls)
         if not rows:
             return
+        tiles = tiles or {}
         gw, gb = self.local("weight"), self.local("bias")
-        if gw is not None:
+        g_sq = []  # Σ_f |D_f|² per call, for the bias's noise term
+        if gw is not None and gw not in self.skipped:  # a detached weight needs no probe
             pr = probes[gw]
+            if gw in tiles:
+                pr.add(probe_tiles(pr, tiles[gw]), 0.0, 0)
+                ign = seg.ignored_rows(rows[0].device)
             for r in rows:
-                x = r.x.reshape(-1, r.d).to(r.dtype)
-                g = r.g.reshape(-1, r.p).to(r.dtype)
-                Aw = (x @ pr.w.to(x.device, r.dtype)).double()  # [F]
-                Du = (g @ pr.u.to(g.device, r.dtype)).double()  # [F]
-                pr.add(float(Aw @ Du), float(sq_norm(x, 1) @ sq_norm(g, 1)), x.shape[0])
+                x, g = _flat(r.x, r.g)
+                gg = sq_norm(g, -1)  # [N, T] or [N·T]
+                noise2 = float((sq_norm(x, -1) * gg).sum())
+                g_sq.append(float(gg.sum()))
+                if gw not in tiles:
+                    value = _probe_value(x, g, pr)
+                elif ign.numel():
+                    value = _probe_value(r.x.index_select(0, ign), r.g.index_select(0, ign), pr)
+                else:
+                    value = 0.0
+                pr.add(value, noise2, r.N * r.T)
         if gb is not None:
-            noise2 = sum(float(sq_norm(r.g)) for r in rows)
+            noise2 = sum(g_sq) if g_sq else sum(float(sq_norm(r.g)) for r in rows)
             count = sum(r.N * r.T for r in rows)
-            probe_row_grads(probes[gb], self._bias_rows(rows), noise2, count)
+            pr = probes[gb]
+            if gb in tiles and seg.all_kept:
+                pr.add(probe_tiles(pr, tiles[gb]), noise2, count)
+            else:
+                probe_row_grads(pr, self._bias_rows(rows), noise2, count)
+
+
+def _flat(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, T, ·) rows x, g as (n·T, ·) when both reshapes are views, else as they are
+    (attention's rows are (L, N)-ordered: a reshape would copy them)."""
+    if x.is_contiguous() and g.is_contiguous():
+        return x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+    return x, g
+
+
+def _probe_value(x: torch.Tensor, g: torch.Tensor, pr: Probe) -> float:
+    """Σ_f (g_f·u)(x_f·w) over the positions f of rows x: (..., d), g: (..., p)."""
+    dt = compute_dtype(x, g)
+    Aw = (x.to(dt) @ pr.w.to(x.device, dt)).double()  # [...]
+    Du = (g.to(dt) @ pr.u.to(g.device, dt)).double()  # [...]
+    return float((Aw * Du).sum())

@@ -28,6 +28,7 @@ from .base import (
     compute_dtype,
     gram_from_row_grads,
     probe_row_grads,
+    probe_tiles,
     register_rule,
     sq_norm,
 )
@@ -53,6 +54,8 @@ class _NormRule(Rule):
         return saved.shape[0] if saved.dim() >= 2 else -1
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """x̂, the normalised input without the affine parameters: a new tensor (the rule
+        multiplies it by D in place, to save a fresh buffer of the activation's size)."""
         raise NotImplementedError
 
     def reduce_dims(self, x: torch.Tensor) -> list[int]:
@@ -73,7 +76,7 @@ class _NormRule(Rule):
             positions *= x.shape[dd]
         parts = {}
         if self.local("weight") is not None:
-            parts["weight"] = g * self.normalise(x.to(dtype))
+            parts["weight"] = self.normalise(x.to(dtype)).mul_(g)  # D ⊙ x̂
         if self.local("bias") is not None:
             parts["bias"] = g
         out = {}
@@ -96,11 +99,11 @@ class _NormRule(Rule):
                     out[name] = [rows, noise2, count]
         return out
 
-    def grams(self, calls, seg: Segments, opts: GramOptions):
+    def grams(self, calls, seg: Segments, opts: GramOptions, tiles=None):
         out = {}
         for local, (rows, _, _) in self._row_grads(calls).items():
             g = self.local(local)
-            out[g] = gram_from_row_grads(rows, seg, opts.precision)
+            out[g] = gram_from_row_grads(rows, seg, opts.precision, tiles, g)
             self.methods[g] = f"{self.kind}:explicit"
         return out
 
@@ -108,13 +111,19 @@ class _NormRule(Rule):
         out = {}
         for local, (rows, _, _) in self._row_grads(calls).items():
             g = self.local(local)
-            wr = seg.row_weights(weights[g], rows.device, rows.dtype)
-            out[g] = (wr @ rows).reshape(self.param(local).shape)
+            if g in weights:
+                wr = seg.row_weights(weights[g], rows.device, rows.dtype)
+                out[g] = (wr @ rows).reshape(self.param(local).shape)
         return out
 
-    def probe(self, calls, seg: Segments, probes: dict[str, Probe]) -> None:
+    def probe(self, calls, seg: Segments, probes: dict[str, Probe], tiles=None) -> None:
+        tiles = tiles or {}
         for local, (rows, noise2, count) in self._row_grads(calls).items():
-            probe_row_grads(probes[self.local(local)], rows, noise2, count)
+            g = self.local(local)
+            if g in tiles and seg.all_kept:
+                probes[g].add(probe_tiles(probes[g], tiles[g]), noise2, count)
+            else:
+                probe_row_grads(probes[g], rows, noise2, count)
 
 
 @register_rule(nn.LayerNorm)
