@@ -137,7 +137,8 @@ def section(data: dict, json_name: str, images: str = "results") -> str:
           "retain gradient only orthogonality ≥ 0.27 (`bench/peers/check.py`). "
           "A peer that fails is shown as `failed: <why>` with no time and no ratio.", "",
           f"**Memory.** Peak extra resident memory of one step: each (workload, B, peer) in its own child process "
-          f"({meta['memory_mode']}), after a 2-row warm-up step; `ru_maxrss` minus the RSS just before the step "
+          f"({meta['memory_mode']}), after a 2-row warm-up step; peak RSS (VmHWM after a reset, "
+          "`bench/memory.py`) minus the RSS just before the step "
           "(model, optimizer, inputs and the warm-up's buffers are already there). MiB; the resolution is a few "
           "hundred KiB (pages the allocator already holds are reused), so values under 1 MiB mean \"nothing "
           "measurable\"; the plots draw < 0.1 at 0.05.", ""]
