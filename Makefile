@@ -14,6 +14,13 @@ $(STAMP): requirements-dev.txt pyproject.toml setup.py
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
+# The peers of the benchmarks (their adapters are tested by make test too).
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP) requirements-bench.txt
+	$(PY) -m pip install -q -r requirements-bench.txt
+	$(PY) -m pip install -q --no-deps backpack-for-pytorch==1.7.1
+	@touch $(BENCH_STAMP)
+
 venv: $(STAMP)
 
 test: $(BENCH_STAMP)
@@ -28,12 +35,6 @@ demo: $(STAMP)
 demo-fmnist: $(STAMP) data
 	$(PY) -m orthograd_fast.cli unlearn --data fashion-mnist --forget class:3 --method orthograd
 
-BENCH_STAMP := $(VENV)/.bench-installed
-$(BENCH_STAMP): $(STAMP) requirements-bench.txt
-	$(PY) -m pip install -q -r requirements-bench.txt
-	$(PY) -m pip install -q --no-deps backpack-for-pytorch==1.7.1
-	@touch $(BENCH_STAMP)
-
 bench: $(BENCH_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider bench/bench_projection.py --benchmark-columns=median,iqr,rounds
 	$(PY) bench/bench_peers.py
@@ -44,7 +45,9 @@ bench-gram: $(STAMP)
 
 # Fashion-MNIST from Debian's package (real 60k+10k images under /usr/share/datasets).
 data:
-	@test -d /usr/share/datasets/fashion-mnist || (apt-get install -y dataset-fashion-mnist || sudo apt-get install -y dataset-fashion-mnist)
+	@test -d /usr/share/datasets/fashion-mnist || apt-get install -y dataset-fashion-mnist \
+		|| (apt-get update && apt-get install -y dataset-fashion-mnist) \
+		|| sudo apt-get install -y dataset-fashion-mnist
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
