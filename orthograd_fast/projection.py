@@ -155,7 +155,7 @@ def project_orthogonal(
     rtol: rank tolerance on σ_k/σ_max of the row-normalised G (None: ``default_rtol`` of
     G's dtype). refine: at most this many refinement passes, each one more read of G; a
     pass is skipped when the previous one measured orthogonality at the work precision's
-    floor (8·u).
+    floor (2·u).
     precision: "fast" (Gram from fp32 tiles summed in fp64, escalated to an fp64 Gram when
     σ_min/σ_max < 3e-3; combination in fp32) or "high" (K, b and the combination exact in
     fp64). fp64 inputs are always handled in fp64. backend: "auto" | "torch" | "triton" | "cuda". return_info: also return
@@ -200,7 +200,7 @@ def project_orthogonal(
     norm_G = float(torch.linalg.eigvalsh(0.5 * (K + K.T).cpu())[-1].clamp_min(0).sqrt())
     # A refinement pass is skipped when the pass before it already measured orthogonality
     # at the work precision's floor and wrote the output dtype (nothing left to gain).
-    skip_below = 8 * torch.finfo(work).eps / 2
+    skip_below = 2 * torch.finfo(work).eps / 2
     passes = refine + 1
     rs = gs
     coef = torch.zeros_like(c)
