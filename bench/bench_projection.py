@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from projection_cases import METHODS, make_inputs, orthogonality_chunked
 
 SIZES = [(P, B) for P in (100_000, 1_000_000, 4_000_000) for B in (16, 64)]

@@ -68,7 +68,7 @@ def main() -> None:
             except Exception as e:  # report, never hide
                 res[name] = f"ERROR {type(e).__name__}"
         rows.append((P, B, str(dt).replace("torch.", ""), floor_ms, res))
-        del sets
+        sets = None  # free this size before the next
         torch.cuda.empty_cache()
     print()
     cols = ["P", "B", "dtype", "floor", "triton", "tri/floor", "tri high", "torch", "QR", "QR/triton", "torch/triton"]

@@ -119,7 +119,7 @@ def run_row(workload: str, B: int, peer_names, *, warmup_ms: int, rep_ms: int, d
         med, q20, q80 = do_bench(step, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
         out[name]["ms"] = {"median": med, "q20": q20, "q80": q80}
         p.close()
-    del peers, base, sets
+    peers = base = sets = None  # free before the next row
     torch.cuda.empty_cache()
     return out
 

@@ -13,6 +13,7 @@ differ only in how the passes run: ``torch`` (chunked GEMMs, the CPU production 
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -98,9 +99,7 @@ def _prepare(g, G):
 
 
 def _triton_usable(device: torch.device) -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("triton") is None:
         return False
     if device.type == "cuda":
         return True

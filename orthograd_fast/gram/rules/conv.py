@@ -32,11 +32,9 @@ from . import matrix
 from .base import (
     GramOptions,
     Probe,
-    Rule,
     Segments,
     compute_dtype,
     dominant_weight,
-    gram_from_row_grads,
     probe_row_grads,
     probe_tiles,
     register_rule,
@@ -156,7 +154,7 @@ class ConvRows:
 
 
 @register_rule(nn.Conv1d, nn.Conv2d)
-class ConvRule(Rule):
+class ConvRule(matrix.MatrixRule):
     kind = "conv"
 
     def __init__(self, module, path, params):
@@ -192,31 +190,6 @@ class ConvRule(Rule):
 
     def _rows(self, calls) -> list[ConvRows]:
         return [ConvRows(self.module, c.saved, c.grad, c.cache) for c in calls if c.grad is not None]
-
-    @staticmethod
-    def _bias_rows(rows: list[ConvRows]) -> torch.Tensor:
-        return sum(r.bias_rows() for r in rows)  # [N, C_out]
-
-    def grams(self, calls, seg: Segments, opts: GramOptions, tiles=None):
-        rows = self._rows(calls)
-        out = {}
-        gw, gb = self.local("weight"), self.local("bias")
-        name = self.kind
-        if gw is not None and rows:
-            force = gw in self.forced
-            method = "explicit" if force else matrix.choose_method(rows, seg, opts)
-            out[gw], X, Kb = matrix.gram(
-                rows, seg, opts, method, keep=tiles is not None, force_keep=force, bias=gb is not None
-            )
-            if X is not None:
-                tiles[gw] = X
-            if Kb is not None:
-                out[gb] = Kb
-            self.methods[gw] = f"{name}:{method}"
-        if gb is not None and rows and gb not in out:
-            out[gb] = gram_from_row_grads(self._bias_rows(rows), seg, opts.precision, tiles, gb)
-            self.methods[gb] = f"{name}:bias"
-        return out
 
     def combine(self, calls, seg: Segments, weights, totals):
         m = self.module

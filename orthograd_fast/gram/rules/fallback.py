@@ -32,7 +32,6 @@ from .base import (
     Segments,
     contract_probe,
     gram_of_segment_tiles,
-    register_rule,
     segment_sum,
     sq_norm,
 )

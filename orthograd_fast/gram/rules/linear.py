@@ -23,11 +23,9 @@ from .base import (
     Call,
     GramOptions,
     Probe,
-    Rule,
     Segments,
     compute_dtype,
     dominant_weight,
-    gram_from_row_grads,
     probe_row_grads,
     probe_tiles,
     register_rule,
@@ -74,7 +72,7 @@ class LinearRows:
 
 
 @register_rule(nn.Linear)
-class LinearRule(Rule):
+class LinearRule(matrix.MatrixRule):
     kind = "linear"
 
     def capture(self, module, args, kwargs, output):
@@ -98,31 +96,6 @@ class LinearRule(Rule):
 
     def _rows(self, calls: list[Call]) -> list[LinearRows]:
         return [LinearRows(c.saved, c.grad, c.cache) for c in calls if c.grad is not None]
-
-    def grams(self, calls, seg: Segments, opts: GramOptions, tiles=None):
-        rows = self._rows(calls)
-        out = {}
-        gw, gb = self.local("weight"), self.local("bias")
-        if gw is not None:
-            if rows:
-                force = gw in self.forced
-                method = "explicit" if force else matrix.choose_method(rows, seg, opts)
-                out[gw], X, Kb = matrix.gram(
-                    rows, seg, opts, method, keep=tiles is not None, force_keep=force, bias=gb is not None
-                )
-                if X is not None:
-                    tiles[gw] = X
-                if Kb is not None:
-                    out[gb] = Kb
-                self.methods[gw] = f"linear:{method}"
-        if gb is not None and rows and gb not in out:
-            out[gb] = gram_from_row_grads(self._bias_rows(rows), seg, opts.precision, tiles, gb)
-            self.methods[gb] = "linear:bias"
-        return out
-
-    @staticmethod
-    def _bias_rows(rows: list[LinearRows]) -> torch.Tensor:
-        return sum(r.bias_rows() for r in rows)  # [N, p]
 
     def combine(self, calls, seg: Segments, weights, totals):
         rows = self._rows(calls)

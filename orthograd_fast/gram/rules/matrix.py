@@ -48,7 +48,7 @@ from typing import Protocol
 
 import torch
 
-from .base import GramOptions, Segments, gram_of_segment_tiles
+from .base import GramOptions, Rule, Segments, gram_from_row_grads, gram_of_segment_tiles
 
 
 class MatrixRows(Protocol):
@@ -292,3 +292,35 @@ def gram_ghost(
         if bias:
             Kb += P[i0:i1].T @ (Md.sum(0) @ P)
     return 0.5 * (K + K.T), (None if Kb is None else 0.5 * (Kb + Kb.T))
+
+
+class MatrixRule(Rule):
+    """Shared ``grams`` of the weight-matrix layers (Linear, Conv): the weight's Gram ghost
+    or explicit by the cost model (``choose_method``), the bias's from the D·Dᵀ the ghost
+    path forms anyway or from its per-row gradients. Subclasses give ``_rows(calls)``
+    (a list of MatrixRows) and ``kind`` (the coverage label)."""
+
+    def _rows(self, calls) -> list:
+        raise NotImplementedError
+
+    @staticmethod
+    def _bias_rows(rows) -> torch.Tensor:
+        return sum(r.bias_rows() for r in rows)  # [N, p]
+
+    def grams(self, calls, seg: Segments, opts: GramOptions, tiles=None):
+        rows = self._rows(calls)
+        out = {}
+        gw, gb = self.local("weight"), self.local("bias")
+        if gw is not None and rows:
+            force = gw in self.forced
+            method = "explicit" if force else choose_method(rows, seg, opts)
+            out[gw], X, Kb = gram(rows, seg, opts, method, keep=tiles is not None, force_keep=force, bias=gb is not None)
+            if X is not None:
+                tiles[gw] = X
+            if Kb is not None:
+                out[gb] = Kb
+            self.methods[gw] = f"{self.kind}:{method}"
+        if gb is not None and rows and gb not in out:
+            out[gb] = gram_from_row_grads(self._bias_rows(rows), seg, opts.precision, tiles, gb)
+            self.methods[gb] = f"{self.kind}:bias"
+        return out
