@@ -48,10 +48,14 @@ def test_combine_poisoned(high, out_dtype, B, P, gen):
     kp.combine_into(r_in, G, c.to(work), r_out, Gr_part, rr_part, True, high, cfg)
     assert not r_out.isnan().any() and not Gr_part.isnan().any() and not rr_part.isnan().any()
     exact = r_in.double() - c @ G.double()
-    # per element: one rounding to the output dtype, plus the work-dtype sum of B+1 terms
+    # per element: one rounding to the output dtype, plus the work-dtype sum of B+1 terms.
+    # Below the smallest normal the output spacing is absolute (fp16: 2^-24 under 2^-14),
+    # so rounding there errs by up to half of it, smallest_normal * u_out.
     u_out = {torch.float32: 2**-24, torch.float16: 2**-11, torch.bfloat16: 2**-8}[out_dtype]
     u_work = 2**-53 if high else 2**-24
-    bound = u_out * exact.abs() + (B + 1) * u_work * (r_in.double().abs() + c.abs() @ G.double().abs())
+    subnormal_half_spacing = torch.finfo(out_dtype).smallest_normal * u_out
+    bound = (u_out * exact.abs() + subnormal_half_spacing
+             + (B + 1) * u_work * (r_in.double().abs() + c.abs() @ G.double().abs()))
     assert bool(((r_out.double() - exact).abs() <= 1.01 * bound + 1e-300).all())
     # G r and ‖r‖² are of the stored r
     rs = r_out.double()
