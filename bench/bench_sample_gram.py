@@ -53,31 +53,10 @@ PATHS = ("plain", "store", "store_og", "stream", "authors", "vmap_gram")
 
 
 # ------------------------------------------------------------------------------ models
-class Transformer(nn.Module):
-    """Linear token embedding, class token and positional embedding (bare parameters),
-    nn.TransformerEncoderLayer blocks, LayerNorm, linear head on the class token."""
-
-    def __init__(self, feat=16, d=128, heads=4, ff=256, T=64, layers=2, classes=10):
-        super().__init__()
-        self.embed = nn.Linear(feat, d)
-        self.cls = nn.Parameter(0.02 * torch.randn(1, 1, d))
-        self.pos = nn.Parameter(0.02 * torch.randn(1, T + 1, d))
-        self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True) for _ in range(layers)
-        )
-        self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, classes)
-
-    def forward(self, x):
-        h = self.embed(x)
-        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), h], dim=1) + self.pos
-        for layer in self.layers:
-            h = layer(h)
-        return self.head(self.norm(h[:, 0]))
-
-
 def build(case: str):
     """(model, x_forget, y_forget, x_retain, y_retain), fixed seed."""
+    from orthograd_fast.models import ClassTokenTransformer
+
     torch.manual_seed(0)
     if case == "mlp":
         model = nn.Sequential(nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
@@ -91,7 +70,7 @@ def build(case: str):
         )
         x = torch.randn(2 * B, 1, 28, 28)
     elif case == "transformer":
-        model = Transformer()
+        model = ClassTokenTransformer(16, 10, d=128, heads=4, ff=256, seq_len=64, layers=2)
         x = torch.randn(2 * B, 64, 16)
     else:
         raise ValueError(case)

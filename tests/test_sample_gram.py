@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orthograd_fast import reference as ref
+from orthograd_fast.models import ClassTokenTransformer
 from orthograd_fast.gram import SampleGram
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
@@ -83,31 +84,9 @@ def conv1d():
     return Conv1dNet(), lambda N, g: (torch.randn(N, 4, 19, generator=g), torch.randint(0, 3, (N,), generator=g))
 
 
-class TinyTransformer(nn.Module):
-    """Features -> Linear embed, class token + positional embedding (bare parameters),
-    nn.TransformerEncoderLayer blocks (MultiheadAttention inside), LayerNorm, head on cls."""
-
-    def __init__(self, feat=6, d=16, heads=2, ff=24, T=5, layers=1, classes=4):
-        super().__init__()
-        self.embed = nn.Linear(feat, d)
-        self.cls = nn.Parameter(0.1 * torch.randn(1, 1, d))
-        self.pos = nn.Parameter(0.1 * torch.randn(1, T + 1, d))
-        self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True) for _ in range(layers)
-        )
-        self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, classes)
-
-    def forward(self, x):
-        h = self.embed(x)
-        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), h], dim=1) + self.pos
-        for layer in self.layers:
-            h = layer(h)
-        return self.head(self.norm(h[:, 0]))
-
-
 def transformer():
-    return TinyTransformer(), lambda N, g: (torch.randn(N, 5, 6, generator=g), torch.randint(0, 4, (N,), generator=g))
+    model = ClassTokenTransformer(6, 4, d=16, heads=2, ff=24, seq_len=5, layers=1, init_scale=0.1)
+    return model, lambda N, g: (torch.randn(N, 5, 6, generator=g), torch.randint(0, 4, (N,), generator=g))
 
 
 class BagOfWords(nn.Module):
