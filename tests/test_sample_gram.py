@@ -320,6 +320,24 @@ def engine_paths(sg):
     return set(sg._step.tiles), {g for rule in sg._rule_list() for g in rule.skipped}
 
 
+def zoo_case(name: str, dtype, ignored: bool, gen, N: int = 17):
+    """(model, x, y, segments, S, reference per-segment gradients) for a zoo model in dtype,
+    with random segments (some rows ignored) or one kept segment per row."""
+    seed_torch(gen)
+    model, make = ZOO[name]()
+    model = model.to(dtype)
+    x, y = make(N, gen)
+    x = x.to(dtype) if x.is_floating_point() else x
+    seg, S = (random_segments if ignored else kept_segments)(N, gen)
+    return model, x, y, seg, S, reference_segments(model, x, y, seg, S)
+
+
+def detachable_weights(model) -> set[str]:
+    """Names of Linear/Conv weights: not bare root parameters, and not attention's
+    projections (read from the graph, never detached)."""
+    return {n for n, p in model.named_parameters() if p.dim() >= 2 and "attn" not in n and "." in n}
+
+
 @pytest.mark.parametrize("ignored", [False, True], ids=["all_kept", "ignored_rows"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("name", ["mlp", "cnn", "conv1d", "transformer"])
@@ -328,20 +346,11 @@ def test_kept_tiles_and_detached_weights(name, dtype, ignored, gen):
     probe reads X. With every row kept, their weights are also read detached in the forward
     (autograd skips the weight gradient) and .grad is filled from the tiles: it must still
     be autograd's gradient over all rows after record(), and Grams/combine exact."""
-    seed_torch(gen)
-    model, make = ZOO[name]()
-    model = model.to(dtype)
-    N = 17
-    x, y = make(N, gen)
-    x = x.to(dtype) if x.is_floating_point() else x
-    seg, S = (random_segments if ignored else kept_segments)(N, gen)
-    gs = reference_segments(model, x, y, seg, S)
-    total = reference_segments(model, x, y, torch.zeros(N, dtype=torch.long), 1)  # all rows
+    model, x, y, seg, S, gs = zoo_case(name, dtype, ignored, gen)
+    total = reference_segments(model, x, y, torch.zeros(len(seg), dtype=torch.long), 1)  # all rows
     sg = run(model, x, y, seg, S, method="explicit")
     tiled, detached = engine_paths(sg)
-    # Linear/Conv weights (not bare root parameters; attention's projections are read from the
-    # graph and never detached)
-    weights = {n for n, p in model.named_parameters() if p.dim() >= 2 and "attn" not in n and "." in n}
+    weights = detachable_weights(model)
     assert tiled and detached <= tiled <= set(gs)
     assert detached == (set() if ignored else weights), (detached, weights)
     for n, p in model.named_parameters():
@@ -358,17 +367,10 @@ def test_kept_tiles_and_detached_weights(name, dtype, ignored, gen):
 def test_record_grads_false(name, dtype, ignored, gen):
     """record_grads=False: every Linear/Conv weight (ghost or explicit) is read detached, its
     .grad is left alone by record() (None here) and combine() writes it, exactly."""
-    seed_torch(gen)
-    model, make = ZOO[name]()
-    model = model.to(dtype)
-    N = 17
-    x, y = make(N, gen)
-    x = x.to(dtype) if x.is_floating_point() else x
-    seg, S = (random_segments if ignored else kept_segments)(N, gen)
-    gs = reference_segments(model, x, y, seg, S)
+    model, x, y, seg, S, gs = zoo_case(name, dtype, ignored, gen)
     sg = run(model, x, y, seg, S, record_grads=False)
     _, detached = engine_paths(sg)
-    weights = {n for n, p in model.named_parameters() if p.dim() >= 2 and "attn" not in n and "." in n}
+    weights = detachable_weights(model)
     # the adapter's bias-free `down` sees a frozen backbone's output: detached, its output
     # would need no gradient (no D to record), so it keeps its weight
     assert detached == {n for n in weights if n in gs and n != "down.weight"}, detached
