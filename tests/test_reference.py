@@ -67,12 +67,17 @@ def test_svd_projection_facts(gen):
 
 def test_qr_over_projects_rank_deficient_inputs(gen):
     """Why the rank rule exists: Householder QR of a rank-deficient G returns extra
-    orthonormal columns outside the span, and removes those directions too."""
+    orthonormal columns outside the span, and removes those directions too.
+
+    Rank 2 in B = 20 rows of P = 30: QR's 18 extra columns are set by rounding noise, so
+    independent of g; they take a Beta(9, 5) share of the exact residual's energy (mean
+    0.64), and below 0.0975 (norm ratio above 0.95) with probability under 1e-6. (With 6
+    rows the share was Beta(2, 12) and the test failed about 3% of the time.)"""
     W = torch.randn(2, 30, generator=gen, dtype=torch.float64)
-    G = torch.randn(6, 2, generator=gen, dtype=torch.float64) @ W
+    G = torch.randn(20, 2, generator=gen, dtype=torch.float64) @ W
     g = torch.randn(30, generator=gen, dtype=torch.float64)
     exact = ref.project_svd(g, G, 1e-10)
-    assert float(ref.project_qr(g, G).norm()) < 0.99 * float(exact.norm())
+    assert float(ref.project_qr(g, G).norm()) < 0.95 * float(exact.norm())
 
 
 def test_authors_direction_is_per_tensor_qr(gen):
