@@ -193,6 +193,58 @@ def test_attention_dropout(gen):
             ce_sum(cross(x), y).backward()
 
 
+class Recurrent(nn.Module):
+    """Embedding -> nn.LSTM or nn.GRU (2 layers, batch_first) -> head on the last step.
+    torch.func cannot vmap them (they write into unbatched hidden state)."""
+
+    def __init__(self, cell: str, dropout: float = 0.0):
+        super().__init__()
+        self.emb = nn.Embedding(11, 4)
+        self.rnn = {"lstm": nn.LSTM, "gru": nn.GRU}[cell](4, 5, num_layers=2, batch_first=True, dropout=dropout)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, tok):
+        h = self.rnn(self.emb(tok))[0]
+        return self.head(h[:, -1])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_unvmappable_module_loops_over_rows(cell, gen):
+    seed_torch(gen)
+    model = Recurrent(cell).double()
+    x = torch.randint(0, 11, (9, 4), generator=gen)
+    y = torch.randint(0, 3, (9,), generator=gen)
+    seg, S = random_segments(9, gen)
+    gs = reference_segments(model, x, y, seg, S)
+    sg = SampleGram(model)
+    with pytest.warns(UserWarning, match="loop of 9 backward passes"):
+        with sg.record(seg, num_segments=S):
+            ce_sum(model(x), y).backward()
+    assert sg.coverage()["rnn.weight_hh_l0"].startswith("fallback")
+    assert_grams(sg, gs, 1e-10)
+    assert_combine(sg, model, gs, S, gen, 1e-10)
+
+
+def test_unvmappable_module_with_dropout_is_refused(gen):
+    """The row loop cannot replay the recorded dropout masks: refused, like the vmap path."""
+    seed_torch(gen)
+    model = Recurrent("lstm", dropout=0.5).double()
+    x = torch.randint(0, 11, (6, 4), generator=gen)
+    y = torch.randint(0, 3, (6,), generator=gen)
+    sg = SampleGram(model)
+    with pytest.raises(ValueError, match="dropout"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with sg.record(torch.arange(6)):
+            ce_sum(model(x), y).backward()
+    model.eval()  # no dropout: served exactly
+    gs = reference_segments(model, x, y, torch.arange(6), 6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with sg.record(torch.arange(6)):
+            ce_sum(model(x), y).backward()
+    assert_grams(sg, gs, 1e-10)
+
+
 def test_attention_batch_not_first_is_refused(gen):
     model = nn.MultiheadAttention(8, 2)  # (T, N, E): the batch is dim 1
     x = torch.randn(5, 4, 8, generator=gen)

@@ -9,7 +9,9 @@ the parameters θ it must serve, each recorded call y = M(args) with output grad
 computed by ``vmap(grad(...))`` over rows with ``functional_call`` (every other parameter
 and buffer fixed at its current value, detached). Rows independent ⇒ Σ_r g_r is the
 gradient autograd delivered, and g_s = Σ_{r in s} g_r exactly. Cost: one vmapped
-forward + backward of M, and an (N, numel) buffer per served parameter.
+forward + backward of M, and an (N, numel) buffer per served parameter. A module that
+torch.func cannot vmap (nn.LSTM/GRU, which write into unbatched hidden state) gets the
+same row losses through one autograd pass per row, with a warning.
 
 Which inputs are batched: every tensor argument whose dim 0 equals N (one object passed
 twice, as attention's q = k = v, stays one object per row); everything else (masks of
@@ -94,14 +96,53 @@ def per_row_grads(module: nn.Module, names: dict[str, str], calls: list[Call], N
                 g = vmap(grad(row_loss), in_dims=(None, 0, 0), randomness="error")(theta, batched, cot_vals)
         except RuntimeError as e:
             if "random" in str(e):
-                raise ValueError(
-                    f"SampleGram fallback: module {type(module).__name__} draws random numbers "
-                    "(dropout in train mode?); its per-row gradients are recomputed with torch.func and "
-                    "cannot replay them. Use eval mode or dropout p=0 for modules served by the fallback."
-                ) from e
-            raise
+                raise _random_error(module) from e
+            # not vmappable (nn.LSTM/GRU write into unbatched state, .item(), data-dependent
+            # control flow, ...): the same row losses, one autograd pass per row
+            warnings.warn(
+                f"SampleGram fallback: torch.func cannot vmap {type(module).__name__} ({str(e).splitlines()[0]}); "
+                f"its per-row gradients come from a loop of {N} backward passes (exact, slower)",
+                stacklevel=2,
+            )
+            g = _loop_row_grads(row_loss, theta, batched, cot_vals, module)
         for loc, gname in names.items():
             out[gname] = out[gname] + g[loc] if gname in out else g[loc]
+    return out
+
+
+def _random_error(module: nn.Module) -> ValueError:
+    return ValueError(
+        f"SampleGram fallback: module {type(module).__name__} draws random numbers "
+        "(dropout in train mode?); its per-row gradients are recomputed after the backward and "
+        "cannot replay them. Use eval mode or dropout p=0 for modules served by the fallback."
+    )
+
+
+def _rng_states(device: torch.device):
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _loop_row_grads(row_loss, theta: dict[str, torch.Tensor], batched: list[torch.Tensor],
+                    cots: list[torch.Tensor], module: nn.Module) -> dict[str, torch.Tensor]:
+    """{local name: (N, *shape)}: the per-row gradients ``vmap(grad(row_loss))`` would give,
+    by one ``torch.autograd.grad`` per row. A module that draws random numbers would draw
+    different ones than the recorded forward did: detected by the generator state moving
+    during the first row, and refused like the vmap path refuses it."""
+    N = batched[0].shape[0]
+    leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
+    out = {k: torch.empty((N, *v.shape), dtype=v.dtype, device=v.device) for k, v in theta.items()}
+    before = _rng_states(batched[0].device)
+    with torch.enable_grad():
+        for r in range(N):
+            loss = row_loss(leaves, [b[r] for b in batched], [c[r] for c in cots])
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            for (k, v), gr in zip(leaves.items(), grads):
+                out[k][r] = 0 if gr is None else gr
+            if r == 0 and any(
+                a is not None and not torch.equal(a, b) for a, b in zip(before, _rng_states(batched[0].device))
+            ):
+                raise _random_error(module)
     return out
 
 
