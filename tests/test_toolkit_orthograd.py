@@ -1,5 +1,6 @@
 """OrthoGrad on SampleGram against the fp64 reference (per-sample grads by vmap + SVD projection)."""
 import copy
+import math
 
 import pytest
 import torch
@@ -232,14 +233,44 @@ def test_cnn_direction_matches_reference(gen):
     assert stats["rank"] == B
 
 
+def _pinv_solve(K, b, gg, rtol):
+    """The reference for OrthoGrad's solve: linalg.gram_pinv (eigh on the cosine matrix);
+    also κ(C) on the kept directions, (σ_max/σ_min,kept)²."""
+    from orthograd_fast.linalg import gram_pinv
+
+    solve = gram_pinv(K, rtol)
+    c = solve.coefficients(b)
+    Gr = b - K @ c
+    kappa = float(solve.sigma[0] / solve.sigma[solve.rank - 1]) ** 2 if solve.rank else 1.0
+    return c, solve.rank, Gr, (gg - 2 * (c @ b) + c @ (K @ c)).clamp_min(0), kappa
+
+
+def _solve_stacked(Ks, bs, ggs, rtol):
+    from orthograd_fast.orthograd import _solve_batched
+
+    return _solve_batched(torch.stack(Ks), torch.stack(bs), torch.stack(ggs), rtol)
+
+
+def _assert_solves_match(Ks, bs, ggs, rtol, solved=None):
+    """Same rank, and c, G r, ‖r‖² equal within what two backward-stable fp64 solvers of
+    the same system differ by: ~n·κ(C)·u relative (x100 for the row scaling D^-1/2)."""
+    c, rank, Gr, rr = solved or _solve_stacked(Ks, bs, ggs, rtol)
+    for i in range(len(Ks)):
+        c1, rank1, Gr1, rr1, kappa = _pinv_solve(Ks[i], bs[i], ggs[i], rtol)
+        assert int(rank[i]) == rank1, i
+        tol = max(1e-9, 100 * Ks[i].shape[0] * kappa * 2.0**-53)
+        cn, Kn, bn = float(c1.norm()), float(torch.linalg.matrix_norm(Ks[i], 2)), float(bs[i].norm())
+        assert float((c[i] - c1).norm()) <= tol * max(cn, 1.0), (i, tol)
+        assert float((Gr[i] - Gr1).abs().max()) <= tol * (bn + Kn * cn + 1), (i, tol)
+        assert abs(float(rr[i] - rr1)) <= tol * (float(ggs[i]) + bn * cn + Kn * cn * cn + 1), (i, tol)
+
+
 @pytest.mark.parametrize("rtol", [1e-4, 1e-7])
 def test_batched_per_tensor_solve_matches_gram_pinv(rtol, gen):
-    """per_tensor solves all tensors' Grams with one batched eigh (_solve_batched): it must
-    agree with the single-matrix path (linalg.gram_pinv) on rank-deficient Grams, zero rows
-    (a retain sample with zero gradient in that tensor) and an all-zero Gram."""
-    from orthograd_fast.orthograd import _solve, _solve_batched
-
-    nb, L = 9, 5
+    """per_tensor solves all tensors' Grams in one batch (_solve_batched): it must agree with
+    the single-matrix path (linalg.gram_pinv) on rank-deficient Grams, zero rows (a retain
+    sample with zero gradient in that tensor), an all-zero Gram and a full-rank one."""
+    nb, L = 9, 6
     Ks, bs, ggs = [], [], []
     for i in range(L):
         G = torch.randn(nb, 4 + 3 * i, generator=gen, dtype=torch.float64)  # rank <= 4 + 3i
@@ -253,11 +284,36 @@ def test_batched_per_tensor_solve_matches_gram_pinv(rtol, gen):
         Ks.append(G @ G.T)
         bs.append(G @ g)
         ggs.append(g @ g)
-    c, rank, Gr, rr = _solve_batched(torch.stack(Ks), torch.stack(bs), torch.stack(ggs), rtol)
-    for i in range(L):
-        c1, rank1, Gr1, rr1 = _solve(Ks[i], bs[i], ggs[i], rtol)
-        assert int(rank[i]) == rank1, i
-        scale = max(float(c1.norm()), 1.0)
-        assert float((c[i] - c1).norm()) <= 1e-9 * scale, i
-        assert torch.allclose(Gr[i], Gr1, rtol=1e-8, atol=1e-9 * float(bs[i].norm() + 1)), i
-        assert abs(float(rr[i] - rr1)) <= 1e-9 * float(ggs[i] + 1), i
+    _assert_solves_match(Ks, bs, ggs, rtol)
+
+
+def test_full_rank_grams_skip_the_eigh(gen, monkeypatch):
+    """Cosine matrices certified full rank (Cholesky of C − 2·rtol²·ρ·I) are solved without
+    eigh, and agree with gram_pinv; ones at or below the threshold still go to eigh, also
+    near it (σ_min/σ_max from 30·rtol down to rtol/3), where the two must pick the same rank."""
+    from orthograd_fast import orthograd as og
+
+    nb, P, rtol = 12, 40, 1e-4
+    Ks, bs, ggs = [], [], []
+    for ratio in (1.0, 30 * rtol, 3 * rtol, 1.5 * rtol, rtol / 1.5, rtol / 3):
+        U, _ = torch.linalg.qr(torch.randn(P, nb, generator=gen, dtype=torch.float64))
+        V, _ = torch.linalg.qr(torch.randn(nb, nb, generator=gen, dtype=torch.float64))
+        s = torch.logspace(0, math.log10(ratio), nb, dtype=torch.float64)
+        G = (V * s) @ U.T  # rows: singular values s (before the row normalisation)
+        G = G * torch.rand(nb, 1, generator=gen, dtype=torch.float64).add(0.5)  # unequal row norms
+        g = torch.randn(P, generator=gen, dtype=torch.float64)
+        Ks.append(G @ G.T)
+        bs.append(G @ g)
+        ggs.append(g @ g)
+    calls = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda A: calls.append(A.shape[0]) or eigh(A))
+    easy = _solve_stacked(Ks[:2], bs[:2], ggs[:2], rtol)
+    assert calls == [], "two well-conditioned Grams still went through eigh"
+    everything = _solve_stacked(Ks, bs, ggs, rtol)
+    assert len(calls) == 1 and calls[0] <= 4, calls  # one eigh, of the uncertified ones only
+    monkeypatch.undo()
+    _assert_solves_match(Ks[:2], bs[:2], ggs[:2], rtol, easy)
+    _assert_solves_match(Ks, bs, ggs, rtol, everything)
+
+
