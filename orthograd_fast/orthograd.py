@@ -71,9 +71,10 @@ def _unpack(batch, what: str):
     return x, y
 
 
-def _solve(K: torch.Tensor, b: torch.Tensor, gg: torch.Tensor, rtol: float):
+def _solve(K: torch.Tensor, b: torch.Tensor, gg: torch.Tensor, rtol: float, max_rank: int | None = None):
     """c = K⁺b with r = g_u − Σ c_i g_i: (c, rank, G r (B,), ‖r‖²), from Gram blocks only."""
-    c, rank, Gr, rr = _solve_batched(K[None], b[None], gg[None], rtol)
+    cap = None if max_rank is None else torch.tensor([max_rank])
+    c, rank, Gr, rr = _solve_batched(K[None], b[None], gg[None], rtol, cap)
     return c[0], int(rank[0]), Gr[0], rr[0]
 
 
@@ -95,9 +96,17 @@ def _certified_full_rank(C: torch.Tensor, rtol: float) -> torch.Tensor:
     return torch.linalg.cholesky_ex(shifted).info == 0
 
 
-def _solve_batched(K: torch.Tensor, b: torch.Tensor, gg: torch.Tensor, rtol: float):
+def _solve_batched(K: torch.Tensor, b: torch.Tensor, gg: torch.Tensor, rtol: float,
+                   max_rank: torch.Tensor | None = None):
     """``_solve`` for L Grams at once: K (L, B, B), b (L, B), gg (L,) -> c (L, B),
     rank (L,), G r (L, B), ‖r‖² (L,) (per_tensor granularity: one batched solve, not L).
+
+    max_rank (L,): the number of entries of each Gram's tensor, which its gradients cannot
+    span more directions than: at most that many eigen-directions (the largest) are kept,
+    and a Gram of a tensor with fewer entries than B rows is never certified full rank.
+    Without the cap, a 10-entry bias reported rank 21 at B = 128 on the fp32-product Gram,
+    whose rounding floor (σ/σ_max ~ 3e-4) sits above OrthoGrad's fp32 rtol (README,
+    "Numerics").
 
     The maths of ``linalg.gram_pinv`` (its module docstring) on all L together: a
     zero-norm row is dropped by giving it cosine-matrix row/column e_j·(−1), so its
@@ -117,6 +126,9 @@ def _solve_batched(K: torch.Tensor, b: torch.Tensor, gg: torch.Tensor, rtol: flo
     rank = torch.empty(C.shape[0], dtype=torch.long, device=C.device)
     with _single_thread():
         full = _certified_full_rank(C, rtol)
+        if max_rank is not None:
+            max_rank = max_rank.to(device=C.device, dtype=torch.long)
+            full &= max_rank >= n
         if bool(full.any()):
             inv_C[full] = torch.cholesky_inverse(torch.linalg.cholesky(C[full]))
             rank[full] = n
@@ -125,6 +137,8 @@ def _solve_batched(K: torch.Tensor, b: torch.Tensor, gg: torch.Tensor, rtol: flo
             lam, V = torch.linalg.eigh(C[rest])  # ascending
             lam_max = lam[:, -1].clamp_min(0)
             keep = (lam > (rtol * rtol) * lam_max[:, None]) & (lam_max[:, None] > 0)
+            if max_rank is not None:  # only the largest max_rank of the ascending eigenvalues
+                keep &= torch.arange(n, device=C.device) >= (n - max_rank[rest])[:, None]
             inv_lam = torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), torch.zeros_like(lam))
             inv_C[rest] = (V * inv_lam[:, None, :]) @ V.mT
             rank[rest] = keep.sum(-1)
@@ -250,7 +264,7 @@ class OrthoGrad:
         """Combination weights (S,) and the Gram-block stats for one (S, S) Gram."""
         self._check_finite(gram)
         K, b, gg = gram[:nb, :nb], gram[:nb, nb], gram[nb, nb]
-        c, rank, Gr, rr = _solve(K, b, gg, self.rtol)
+        c, rank, Gr, rr = _solve(K, b, gg, self.rtol, sum(p.numel() for _, p in self.named))
         return self._combination(c, nb, B), c, rank, Gr, rr, gg
 
     def step(self, forget_batch, retain_batch) -> dict:
@@ -306,7 +320,8 @@ class OrthoGrad:
             G = torch.stack(list(grams.values()))  # [L, S, S]
             self._check_finite(G)
             K, b, gg_l = G[:, :nb, :nb], G[:, :nb, nb], G[:, nb, nb]
-            c, ranks, Gr_l, rr_l = _solve_batched(K, b, gg_l, self.rtol)
+            numel = dict((n, p.numel()) for n, p in self.named)
+            c, ranks, Gr_l, rr_l = _solve_batched(K, b, gg_l, self.rtol, torch.tensor([numel.get(n, nb) for n in grams]))
             weights = dict(zip(grams, self._combination(c, nb, B).unbind(0)))
             rank, coef_sq = int(ranks.sum()), float((c * c).sum())
             Gr, rr, gg = Gr_l.sum(0), rr_l.sum(), gg_l.sum()

@@ -317,3 +317,42 @@ def test_full_rank_grams_skip_the_eigh(gen, monkeypatch):
     _assert_solves_match(Ks, bs, ggs, rtol, everything)
 
 
+
+
+def test_rank_capped_by_tensor_size(gen):
+    """A tensor of m entries spans at most m directions: with Gram rounding noise at
+    1e-7·λ_max (the fp32-product Gram's level) the rule alone keeps noise directions of a
+    rank-m Gram, the cap keeps m, and c matches the noiseless solve."""
+    from orthograd_fast.orthograd import _solve_batched
+
+    n, m, rtol = 16, 5, 1e-4
+    X = torch.randn(n, m, generator=gen, dtype=torch.float64)
+    K0 = X @ X.T
+    E = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    K = K0 + 1e-7 * float(torch.linalg.eigvalsh(K0)[-1]) * (E + E.T) / (2 * n**0.5)
+    b = X @ torch.randn(m, generator=gen, dtype=torch.float64)
+    gg = torch.tensor(100.0, dtype=torch.float64)
+    _, rank_free, _, _ = _solve_batched(K[None], b[None], gg[None], rtol)
+    c, rank, _, _ = _solve_batched(K[None], b[None], gg[None], rtol, torch.tensor([m]))
+    assert int(rank_free[0]) > m  # the noise passes the rule...
+    assert int(rank[0]) == m  # ...not the cap
+    # the projection is that of the noiseless system: K0 c = b (any solution of it gives
+    # the same G r; gram_pinv's D^-1/2 C⁺ D^-1/2 is not the minimum-norm one), with a
+    # coefficient norm of the noiseless solve's order
+    c0 = torch.linalg.pinv(K0, hermitian=True, rtol=1e-10) @ b
+    assert float((K0 @ c[0] - b).norm()) <= 1e-4 * float(b.norm())
+    assert float(c[0].norm()) <= 10 * float(c0.norm())
+
+
+def test_per_tensor_rank_at_most_tensor_size(gen):
+    """A 3-class head's bias (3 entries) and B = 8 retain rows: its Gram is 8 x 8 of rank
+    <= 2 (softmax gradients sum to zero), with fp32-product rounding on top; the reported
+    per-tensor ranks are capped by each tensor's size."""
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    model = nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3))
+    B = 8
+    forget = (torch.randn(5, 6, generator=gen), torch.randint(0, 3, (5,), generator=gen))
+    retain = (torch.randn(B, 6, generator=gen), torch.randint(0, 3, (B,), generator=gen))
+    with OrthoGrad(model, torch.optim.SGD(model.parameters(), lr=0.0), granularity="per_tensor") as og:
+        stats = og.step(forget, retain)
+    assert stats["rank"] <= sum(min(B, p.numel()) for p in model.parameters())
