@@ -227,8 +227,43 @@ def gram_of_segment_tiles(X: torch.Tensor, precision: str) -> torch.Tensor:
     return K
 
 
-def segment_sum(rows: torch.Tensor, ids: torch.Tensor, S: int) -> torch.Tensor:
-    """(S, k) sums of rows: (n, k) by ids: (n,) in [0, S).
+@dataclass
+class SegmentSumPlan:
+    """The index work of ``segment_sum`` for one ids vector, reusable for every rows tensor
+    summed by the same ids (a record() step's kept rows: once per step, Segments.memo).
+
+    pos (S,): the row that fills each segment (its last row); multi (m,): segments of more
+    than one row; gather (n_multi,): their rows in segment order; lengths (m,); empty (e,):
+    segments with no row."""
+
+    n: int
+    S: int
+    pos: torch.Tensor
+    multi: torch.Tensor
+    gather: torch.Tensor
+    lengths: torch.Tensor
+    empty: torch.Tensor
+
+
+def segment_sum_plan(ids: torch.Tensor, S: int) -> SegmentSumPlan:
+    """Plan of ``segment_sum`` for ids: (n,) in [0, S)."""
+    n, dev = ids.numel(), ids.device
+    counts = torch.bincount(ids, minlength=S)
+    pos = torch.zeros(S, dtype=torch.long, device=dev)
+    pos[ids] = torch.arange(n, device=dev)
+    is_multi = counts > 1
+    multi = is_multi.nonzero().flatten()
+    if multi.numel():
+        order = torch.argsort(ids, stable=True)
+        gather = order[is_multi[ids[order]].nonzero().flatten()]
+    else:
+        gather = multi
+    return SegmentSumPlan(n, S, pos, multi, gather, counts[multi], (counts == 0).nonzero().flatten())
+
+
+def segment_sum(rows: torch.Tensor, ids: torch.Tensor, S: int, plan: SegmentSumPlan | None = None) -> torch.Tensor:
+    """(S, k) sums of rows: (n, k) by ids: (n,) in [0, S) (``plan``: segment_sum_plan(ids, S),
+    when several tensors are summed by the same ids).
 
     One gather puts every single-row segment in place; rows of multi-row segments are
     gathered in segment order and reduced with ``segment_reduce``; empty segments are
@@ -238,31 +273,37 @@ def segment_sum(rows: torch.Tensor, ids: torch.Tensor, S: int) -> torch.Tensor:
     n, k = rows.shape
     if n == 0 or S == 0:
         return rows.new_zeros((S, k))
-    dev = rows.device
-    counts = torch.bincount(ids, minlength=S)
-    pos = torch.zeros(S, dtype=torch.long, device=dev)
-    pos[ids] = torch.arange(n, device=dev)
-    X = rows.index_select(0, pos)
-    multi_segs = (counts > 1).nonzero().flatten()
-    if multi_segs.numel():
-        order = torch.argsort(ids, stable=True)
-        in_multi = (counts > 1)[ids[order]].nonzero().flatten()
-        sums = torch.segment_reduce(
-            rows.index_select(0, order[in_multi]), "sum", lengths=counts[multi_segs], axis=0
-        )
-        X.index_copy_(0, multi_segs, sums)
-    empty = (counts == 0).nonzero().flatten()
-    if empty.numel():
-        X.index_fill_(0, empty, 0)
+    if plan is None:
+        plan = segment_sum_plan(ids, S)
+    X = rows.index_select(0, plan.pos)
+    if plan.multi.numel():
+        sums = torch.segment_reduce(rows.index_select(0, plan.gather), "sum", lengths=plan.lengths, axis=0)
+        X.index_copy_(0, plan.multi, sums)
+    if plan.empty.numel():
+        X.index_fill_(0, plan.empty, 0)
     return X
+
+
+def kept_segment_sum(rows: torch.Tensor, seg: Segments) -> torch.Tensor:
+    """(S, k) segment sums of per-row values rows: (N, k) over the kept rows of a step (the
+    index plan made once per step)."""
+    dev = rows.device
+
+    def make():
+        ids = seg.ids_on(dev)
+        kept = None if seg.all_kept else seg.kept_on(dev).nonzero().flatten()
+        kept_ids = ids if kept is None else ids.index_select(0, kept)
+        return kept, segment_sum_plan(kept_ids, seg.S)
+
+    kept, plan = seg.memo(("segment_sum_plan", dev), make)
+    rows = rows if kept is None else rows.index_select(0, kept)
+    return segment_sum(rows, None, seg.S, plan)
 
 
 def gram_from_row_grads(rows: torch.Tensor, seg: Segments, precision: str, tiles: dict | None = None, name=None):
     """fp64 (S, S) Gram of the segment sums of per-row gradients rows: (N, k); with
     ``tiles`` the segment sums (S, k) are also stored there under ``name``."""
-    kept = seg.kept_on(rows.device)
-    ids = seg.ids_on(rows.device)
-    X = segment_sum(rows if seg.all_kept else rows[kept], ids if seg.all_kept else ids[kept], seg.S)
+    X = kept_segment_sum(rows, seg)
     if tiles is not None:
         tiles[name] = X
     return gram_of_segment_tiles(X, precision)

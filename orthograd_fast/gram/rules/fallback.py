@@ -34,7 +34,7 @@ from .base import (
     Segments,
     contract_probe,
     gram_of_segment_tiles,
-    segment_sum,
+    kept_segment_sum,
     sq_norm,
 )
 
@@ -152,8 +152,7 @@ def segment_results(rows: dict[str, torch.Tensor], seg: Segments, opts: GramOpti
     grams, seg_grads = {}, {}
     for gname, r in rows.items():
         flat = r.reshape(seg.N, -1)
-        kept = seg.kept_on(flat.device)
-        X = segment_sum(flat[kept], seg.ids_on(flat.device)[kept], seg.S)
+        X = kept_segment_sum(flat, seg)
         grams[gname] = gram_of_segment_tiles(X, opts.precision)
         seg_grads[gname] = X.reshape(seg.S, *r.shape[1:])
         probes[gname].add(contract_probe(flat.sum(0), probes[gname].u, probes[gname].w), float(sq_norm(flat)), seg.N)
