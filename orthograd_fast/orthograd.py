@@ -113,8 +113,12 @@ def _solve_batched(K: torch.Tensor, b: torch.Tensor, gg: torch.Tensor, rtol: flo
     eigenpair (−1, e_j) is never kept (kept: λ > rtol²·λ_max > 0) and the other eigenpairs
     are those of the kept block; K⁺ = D^-1/2 V_k diag(1/λ_k) V_kᵀ D^-1/2. A cosine matrix
     certified full rank (``_certified_full_rank``) skips the eigh: K⁺ = D^-1/2 C⁻¹ D^-1/2
-    from its Cholesky factor, the same matrix the rule would keep in full.
+    from its Cholesky factor, the same matrix the rule would keep in full. The (L, B, B)
+    work runs on the CPU, one thread (as linalg.gram_pinv: small eigh/Cholesky calls are
+    launch-bound on a GPU); results come back on K's device.
     """
+    device = K.device
+    K, b, gg = K.detach().cpu(), b.detach().cpu(), gg.detach().cpu()
     K = 0.5 * (K + K.mT)
     d = torch.diagonal(K, dim1=-2, dim2=-1)
     kept = d > 0
@@ -147,13 +151,18 @@ def _solve_batched(K: torch.Tensor, b: torch.Tensor, gg: torch.Tensor, rtol: flo
     Kc = (K @ c[:, :, None]).squeeze(-1)
     Gr = b - Kc
     rr = (gg - 2 * (c * b).sum(-1) + (c * Kc).sum(-1)).clamp_min(0)
+    if device.type != "cpu":
+        c, rank, Gr, rr = (t.to(device) for t in (c, rank, Gr, rr))
     return c, rank, Gr, rr
 
 
 def _spectral_sq(K: torch.Tensor) -> float:
+    """‖G‖₂² = λ_max(K) of a Gram K (B, B), on the CPU (tiny; see ``_solve_batched``)."""
     if K.numel() == 0:
         return 0.0
-    return float(torch.linalg.eigvalsh(0.5 * (K + K.T))[-1].clamp_min(0))
+    K = K.detach().cpu()
+    with _single_thread():
+        return float(torch.linalg.eigvalsh(0.5 * (K + K.T))[-1].clamp_min(0))
 
 
 class OrthoGrad:
