@@ -114,8 +114,9 @@ def _solve_batched(K: torch.Tensor, b: torch.Tensor, gg: torch.Tensor, rtol: flo
     are those of the kept block; K⁺ = D^-1/2 V_k diag(1/λ_k) V_kᵀ D^-1/2. A cosine matrix
     certified full rank (``_certified_full_rank``) skips the eigh: K⁺ = D^-1/2 C⁻¹ D^-1/2
     from its Cholesky factor, the same matrix the rule would keep in full. The (L, B, B)
-    work runs on the CPU, one thread (as linalg.gram_pinv: small eigh/Cholesky calls are
-    launch-bound on a GPU); results come back on K's device.
+    work runs on the CPU, one thread, as linalg.gram_pinv's does (small eigh/Cholesky calls
+    are expected to be launch-bound on a GPU; not yet measured there); results come back on
+    K's device.
     """
     device = K.device
     K, b, gg = K.detach().cpu(), b.detach().cpu(), gg.detach().cpu()
@@ -157,7 +158,7 @@ def _solve_batched(K: torch.Tensor, b: torch.Tensor, gg: torch.Tensor, rtol: flo
 
 
 def _spectral_sq(K: torch.Tensor) -> float:
-    """‖G‖₂² = λ_max(K) of a Gram K (B, B), on the CPU (tiny; see ``_solve_batched``)."""
+    """‖G‖₂² = λ_max(K) of a Gram K (B, B), on the CPU like ``_solve_batched``."""
     if K.numel() == 0:
         return 0.0
     K = K.detach().cpu()
