@@ -14,6 +14,7 @@ import copy
 import gc
 import warnings
 import weakref
+from functools import partial
 
 import pytest
 import torch
@@ -332,10 +333,26 @@ def zoo_case(name: str, dtype, ignored: bool, gen, N: int = 17):
     return model, x, y, seg, S, reference_segments(model, x, y, seg, S)
 
 
-def detachable_weights(model) -> set[str]:
+def detachable_params(model, x) -> set[str]:
     """Names of Linear/Conv weights: not bare root parameters, and not attention's
-    projections (read from the graph, never detached)."""
-    return {n for n, p in model.named_parameters() if p.dim() >= 2 and "attn" not in n and "." in n}
+    projections (read from the graph, never detached); plus the biases of convolutions
+    whose input needs a gradient (conv.py, ConvRule.detach_bias)."""
+    names = {n for n, p in model.named_parameters() if p.dim() >= 2 and "attn" not in n and "." in n}
+    convs: set[str] = set()
+
+    def seen(path, module, args, output):
+        if args[0].requires_grad:
+            convs.add(path)
+
+    hooks = [m.register_forward_hook(partial(seen, path)) for path, m in model.named_modules()
+             if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.bias is not None]
+    try:
+        with torch.enable_grad():
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return names | {f"{path}.bias" for path in convs}
 
 
 @pytest.mark.parametrize("ignored", [False, True], ids=["all_kept", "ignored_rows"])
@@ -350,7 +367,7 @@ def test_kept_tiles_and_detached_weights(name, dtype, ignored, gen):
     total = reference_segments(model, x, y, torch.zeros(len(seg), dtype=torch.long), 1)  # all rows
     sg = run(model, x, y, seg, S, method="explicit")
     tiled, detached = engine_paths(sg)
-    weights = detachable_weights(model)
+    weights = detachable_params(model, x)
     assert tiled and detached <= tiled <= set(gs)
     assert detached == (set() if ignored else weights), (detached, weights)
     for n, p in model.named_parameters():
@@ -365,12 +382,13 @@ def test_kept_tiles_and_detached_weights(name, dtype, ignored, gen):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("name", ["mlp", "cnn", "conv1d", "transformer", "adapter"])
 def test_record_grads_false(name, dtype, ignored, gen):
-    """record_grads=False: every Linear/Conv weight (ghost or explicit) is read detached, its
-    .grad is left alone by record() (None here) and combine() writes it, exactly."""
+    """record_grads=False: every Linear/Conv weight (ghost or explicit), and the bias of a
+    convolution whose input needs a gradient, is read detached, its .grad is left alone by
+    record() (None here) and combine() writes it, exactly."""
     model, x, y, seg, S, gs = zoo_case(name, dtype, ignored, gen)
     sg = run(model, x, y, seg, S, record_grads=False)
     _, detached = engine_paths(sg)
-    weights = detachable_weights(model)
+    weights = detachable_params(model, x)
     # the adapter's bias-free `down` sees a frozen backbone's output: detached, its output
     # would need no gradient (no D to record), so it keeps its weight
     assert detached == {n for n in weights if n in gs and n != "down.weight"}, detached

@@ -304,6 +304,8 @@ class Reuse(nn.Module):
         c = self.c1(h.transpose(1, 2))  # [N, 4, T]
         if self.which == "conv1d":
             c = c + F.conv1d(h.transpose(1, 2), self.c1.weight, padding=1)
+        if self.which == "conv_bias":  # a bias the rule reads detached, used again outside
+            c = c * self.c1.bias[:, None].tanh()
         img = self.c2(c.unsqueeze(1))  # [N, 1, 4, T]
         if self.which == "conv2d":
             img = img * F.conv2d(c.unsqueeze(1), self.c2.weight, padding=1).tanh()
@@ -322,7 +324,7 @@ class Reuse(nn.Module):
 @pytest.mark.parametrize(
     "kept,record_grads", [(False, True), (True, True), (False, False)], ids=["ignored_row", "all_kept", "no_grads"]
 )
-@pytest.mark.parametrize("which", ["embedding", "conv1d", "conv2d", "group_norm", "layer_norm", "linear"])
+@pytest.mark.parametrize("which", ["embedding", "conv1d", "conv_bias", "conv2d", "group_norm", "layer_norm", "linear"])
 def test_each_rule_detects_outside_use(which, kept, record_grads, gen):
     """With every row kept (or record_grads=False), the Linear/Conv weights are read detached
     in their module (store mode): the outside use is then the only gradient autograd

@@ -130,8 +130,8 @@ class _Step:
         self.tracer: ParamTracer | None = None
         self.grad_was_none: dict[str, bool] = {}
         self.totals: dict[str, tuple] = {}
-        self.detach: dict[Rule, bool] = {}  # per rule: its weight is read detached this step
-        self.swapped: dict[nn.Module, nn.Parameter] = {}  # modules running with a detached weight
+        self.detach: dict[Rule, tuple[str, ...]] = {}  # per rule: its params read detached this step
+        self.swapped: dict[nn.Module, dict[str, nn.Parameter]] = {}  # modules running with detached params
 
 
 def _tensors(obj) -> list[torch.Tensor]:
@@ -431,21 +431,25 @@ class SampleGram:
             return
         if rule not in step.detach:
             need_tiles = self.record_grads
-            step.detach[rule] = rule.detach_weight(args, kwargs, step.seg, self._opts, need_tiles)
-            if step.detach[rule]:
-                rule.skipped.add(rule.local("weight"))
+            names: tuple[str, ...] = ()
+            if rule.detach_weight(args, kwargs, step.seg, self._opts, need_tiles):
+                names = ("weight",)
+                if rule.local("bias") is not None and rule.detach_bias(args, kwargs):
+                    names += ("bias",)
+                rule.skipped.update(rule.local(n) for n in names)
                 if need_tiles:
                     rule.forced.add(rule.local("weight"))
+            step.detach[rule] = names
         if step.detach[rule]:
-            p = self._tracked[rule.local("weight")]
-            step.swapped[module] = p
-            module._parameters["weight"] = p.detach()
+            swapped = {n: self._tracked[rule.local(n)] for n in step.detach[rule]}
+            step.swapped[module] = swapped
+            for n, p in swapped.items():
+                module._parameters[n] = p.detach()
 
     @staticmethod
     def _restore_weight(step: _Step, module, *args) -> None:
-        p = step.swapped.pop(module, None)
-        if p is not None:
-            module._parameters["weight"] = p
+        for n, p in step.swapped.pop(module, {}).items():
+            module._parameters[n] = p
 
     def _on_forward(self, step: _Step, rule: Rule, module, args, kwargs, output):
         if not step.active:

@@ -404,6 +404,13 @@ class Rule:
         them). Engine docstring, "Detached weights"."""
         return False
 
+    def detach_bias(self, args: tuple, kwargs: dict) -> bool:
+        """Whether, with its weight detached, the layer also runs with its ``bias`` detached
+        (its Gram, ``.grad`` and combination then come from the output gradients the rule
+        records anyway). Only where that saves work: a convolution's CPU backward forms
+        the weight gradient whenever the bias needs one (conv.py)."""
+        return False
+
     def capture(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
         raise NotImplementedError
 
