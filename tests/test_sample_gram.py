@@ -14,7 +14,6 @@ import copy
 import gc
 import warnings
 import weakref
-from functools import partial
 
 import pytest
 import torch
@@ -333,26 +332,13 @@ def zoo_case(name: str, dtype, ignored: bool, gen, N: int = 17):
     return model, x, y, seg, S, reference_segments(model, x, y, seg, S)
 
 
-def detachable_params(model, x) -> set[str]:
+def detachable_params(model) -> set[str]:
     """Names of Linear/Conv weights: not bare root parameters, and not attention's
-    projections (read from the graph, never detached); plus the biases of convolutions
-    whose input needs a gradient (conv.py, ConvRule.detach_bias)."""
+    projections (read from the graph, never detached); plus convolution biases
+    (conv.py, ConvRule.detach_bias; a first layer's output is anchored)."""
     names = {n for n, p in model.named_parameters() if p.dim() >= 2 and "attn" not in n and "." in n}
-    convs: set[str] = set()
-
-    def seen(path, module, args, output):
-        if args[0].requires_grad:
-            convs.add(path)
-
-    hooks = [m.register_forward_hook(partial(seen, path)) for path, m in model.named_modules()
-             if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.bias is not None]
-    try:
-        with torch.enable_grad():
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return names | {f"{path}.bias" for path in convs}
+    return names | {f"{path}.bias" for path, m in model.named_modules()
+                    if isinstance(m, (nn.Conv1d, nn.Conv2d)) and m.bias is not None}
 
 
 @pytest.mark.parametrize("ignored", [False, True], ids=["all_kept", "ignored_rows"])
@@ -367,7 +353,7 @@ def test_kept_tiles_and_detached_weights(name, dtype, ignored, gen):
     total = reference_segments(model, x, y, torch.zeros(len(seg), dtype=torch.long), 1)  # all rows
     sg = run(model, x, y, seg, S, method="explicit")
     tiled, detached = engine_paths(sg)
-    weights = detachable_params(model, x)
+    weights = detachable_params(model)
     assert tiled and detached <= tiled <= set(gs)
     assert detached == (set() if ignored else weights), (detached, weights)
     for n, p in model.named_parameters():
@@ -382,13 +368,13 @@ def test_kept_tiles_and_detached_weights(name, dtype, ignored, gen):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("name", ["mlp", "cnn", "conv1d", "transformer", "adapter"])
 def test_record_grads_false(name, dtype, ignored, gen):
-    """record_grads=False: every Linear/Conv weight (ghost or explicit), and the bias of a
-    convolution whose input needs a gradient, is read detached, its .grad is left alone by
-    record() (None here) and combine() writes it, exactly."""
+    """record_grads=False: every Linear/Conv weight (ghost or explicit), and every
+    convolution bias, is read detached, its .grad is left alone by record() (None here)
+    and combine() writes it, exactly."""
     model, x, y, seg, S, gs = zoo_case(name, dtype, ignored, gen)
     sg = run(model, x, y, seg, S, record_grads=False)
     _, detached = engine_paths(sg)
-    weights = detachable_params(model, x)
+    weights = detachable_params(model)
     # the adapter's bias-free `down` sees a frozen backbone's output: detached, its output
     # would need no gradient (no D to record), so it keeps its weight
     assert detached == {n for n in weights if n in gs and n != "down.weight"}, detached
@@ -398,6 +384,39 @@ def test_record_grads_false(name, dtype, ignored, gen):
     assert_grams(sg, gs, TOL[dtype])
     assert_combine(sg, model, gs, S, gen, TOL[dtype])
     assert_combine(sg, model, gs, S, gen, TOL[dtype], per_tensor=True)
+
+
+@pytest.mark.parametrize("record_grads", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_first_conv_runs_detached(bias, record_grads, gen):
+    """A convolution whose input needs no gradient (the data) runs with weight and bias
+    detached, its output anchored in the graph (engine: Rule.anchors_output): autograd skips
+    its whole backward, the output values are a plain forward's, and Grams, .grad and
+    combine stay exact."""
+    seed_torch(gen)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, bias=bias), nn.ReLU(inplace=True), nn.Flatten(),
+                          nn.Linear(3 * 5 * 5, 4)).double()
+    x = torch.randn(7, 2, 5, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 4, (7,), generator=gen)
+    seg = torch.tensor([0, 1, 1, 2, 3, 0, 2])
+    gs = reference_segments(model, x, y, seg, 4)
+    total = reference_segments(model, x, y, torch.zeros(7, dtype=torch.long), 1)
+    with torch.no_grad():
+        plain_out = model(x)
+    sg = SampleGram(model, record_grads=record_grads)
+    with sg.record(seg, num_segments=4):
+        out = model(x)
+        ce_sum(out, y).backward()
+    assert torch.equal(out.detach(), plain_out)
+    _, detached = engine_paths(sg)
+    assert {"0.weight", "0.bias"} & set(gs) <= detached
+    for n, p in model.named_parameters():
+        if record_grads:
+            assert rel(p.grad, total[n][0]) < 1e-12, n
+        elif n.startswith("0."):
+            assert p.grad is None, n  # combine's to write
+    assert_grams(sg, gs, 1e-10)
+    assert_combine(sg, model, gs, 4, gen, 1e-10)
 
 
 @pytest.mark.parametrize("order", ["ascending", "descending", "interleaved", "orthograd"])

@@ -132,6 +132,8 @@ class _Step:
         self.totals: dict[str, tuple] = {}
         self.detach: dict[Rule, tuple[str, ...]] = {}  # per rule: its params read detached this step
         self.swapped: dict[nn.Module, dict[str, nn.Parameter]] = {}  # modules running with detached params
+        self.anchored: set[nn.Module] = set()  # modules whose output this call gets anchor added
+        self.anchors: dict[tuple, torch.Tensor] = {}  # (dtype, device) -> 0-dim zero leaf
 
 
 def _tensors(obj) -> list[torch.Tensor]:
@@ -401,7 +403,8 @@ class SampleGram:
 
     def _uninstall(self, step: _Step) -> None:
         for m in list(step.swapped):  # a forward interrupted before its hooks ran
-            self._restore_weight(step, m)
+            self._restore_weight(step, m, ())
+        step.anchored.clear()
         if step.active and step.tracer is not None:
             step.tracer.__exit__(None, None, None)
             step.tracer.close()
@@ -445,11 +448,25 @@ class SampleGram:
             step.swapped[module] = swapped
             for n, p in swapped.items():
                 module._parameters[n] = p.detach()
+            if rule.anchors_output and not any(t.requires_grad for t in _tensors((args, kwargs))):
+                step.anchored.add(module)
 
     @staticmethod
-    def _restore_weight(step: _Step, module, *args) -> None:
+    def _restore_weight(step: _Step, module, args, output=None):
+        """Put the module's parameters back; an anchored output (Rule.anchors_output) comes
+        back as output + 0, a 0-dim zero leaf of the step that requires grad: the same
+        values (-0.0 turns +0.0), now in the graph so its output gradient reaches the
+        rule's hook, while the layer itself stays out of the backward."""
         for n, p in step.swapped.pop(module, {}).items():
             module._parameters[n] = p
+        if module in step.anchored:
+            step.anchored.discard(module)
+            if isinstance(output, torch.Tensor) and output.is_floating_point():
+                key = (output.dtype, output.device)
+                if key not in step.anchors:
+                    step.anchors[key] = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+                return output + step.anchors[key]
+        return None
 
     def _on_forward(self, step: _Step, rule: Rule, module, args, kwargs, output):
         if not step.active:

@@ -404,6 +404,11 @@ class Rule:
         them). Engine docstring, "Detached weights"."""
         return False
 
+    #: with its parameters detached, a call whose inputs need no gradient gets its output
+    #: anchored in the graph by the engine (output + a zero leaf), so the rule still sees its
+    #: output gradient while autograd skips the layer's whole backward (conv.py)
+    anchors_output = False
+
     def detach_bias(self, args: tuple, kwargs: dict) -> bool:
         """Whether, with its weight detached, the layer also runs with its ``bias`` detached
         (its Gram, ``.grad`` and combination then come from the output gradients the rule

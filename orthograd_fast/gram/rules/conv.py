@@ -173,8 +173,8 @@ class ConvRule(matrix.MatrixRule):
         x = args[0] if args else kwargs["input"]
         m = self.module
         nd = 1 if isinstance(m, nn.Conv1d) else 2
-        # the output must still need a gradient (so its hook sees D): from x or the bias
-        if x.dim() != nd + 2 or not (x.requires_grad or (m.bias is not None and m.bias.requires_grad)):
+        # (an output that would need no gradient is anchored by the engine: anchors_output)
+        if x.dim() != nd + 2:
             return False
         if not need_tiles:
             return True
@@ -188,15 +188,19 @@ class ConvRule(matrix.MatrixRule):
         d, p = (m.in_channels // G) * math.prod(m.kernel_size), m.out_channels // G
         return matrix.keeps_tiles(N, L, G, d, p, seg.S, x.numel() + N * m.out_channels * L, opts)
 
+    #: a first layer (input without gradient) runs fully detached, its output anchored
+    anchors_output = True
+
     def detach_bias(self, args, kwargs) -> bool:
-        """With the weight detached, detach the bias too when the output still needs a
-        gradient through the input: the CPU convolution backward forms the weight gradient
-        whenever the bias needs one (32→64 channels, stride 2, 28x28, 128 rows, one thread:
-        64.5 ms forward + backward with or without the weight gradient, 51.4 ms with
-        neither), and the bias's Gram, ``.grad`` and combination come from the output
-        gradients the rule records anyway (ConvRows.bias_rows)."""
-        x = args[0] if args else kwargs["input"]
-        return bool(x.requires_grad)
+        """With the weight detached, detach the bias too: the CPU convolution backward forms
+        the weight gradient whenever the bias needs one (32→64 channels, stride 2, 28x28,
+        128 rows, one thread: 64.5 ms forward + backward with or without the weight
+        gradient, 51.4 ms with neither; a first layer 1→32, whose input needs no gradient:
+        44 ms with the bias's gradient only, 16 ms for the forward alone). The bias's Gram,
+        ``.grad`` and combination come from the output gradients the rule records anyway
+        (ConvRows.bias_rows); a layer whose input needs no gradient has its output anchored
+        by the engine (Rule.anchors_output)."""
+        return True
 
     def _rows(self, calls) -> list[ConvRows]:
         return [ConvRows(self.module, c.saved, c.grad, c.cache) for c in calls if c.grad is not None]
