@@ -457,10 +457,10 @@ class SampleGram:
 
     @staticmethod
     def _restore_weight(step: _Step, module, args, output=None):
-        """Put the module's parameters back; an anchored output (Rule.anchors_output) comes
-        back as output + 0, a 0-dim zero leaf of the step that requires grad: the same
-        values (-0.0 turns +0.0), now in the graph so its output gradient reaches the
-        rule's hook, while the layer itself stays out of the backward."""
+        """Put the module's parameters back; an anchored output (Rule.anchors_output) gets
+        a 0-dim zero leaf of the step that requires grad added in place (no copy of the
+        activation): the same values (-0.0 turns +0.0), now in the graph so its output
+        gradient reaches the rule's hook, while the layer itself stays out of the backward."""
         for n, p in step.swapped.pop(module, {}).items():
             module._parameters[n] = p
         if module in step.anchored:
@@ -469,7 +469,7 @@ class SampleGram:
                 key = (output.dtype, output.device)
                 if key not in step.anchors:
                     step.anchors[key] = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
-                return output + step.anchors[key]
+                return output.add_(step.anchors[key])
         return None
 
     def _on_forward(self, step: _Step, rule: Rule, module, args, kwargs, output):
