@@ -83,10 +83,12 @@ A convolution also reads its bias detached (Rule.detach_bias: its CPU backward f
 weight gradient whenever the bias needs one). A layer is detached only if its output
 still needs a gradient without the detached parameters (from its input or bias), or if
 its rule anchors the output: a convolution whose inputs need no gradient (a first layer)
-returns output + a 0-dim zero leaf of the step that requires grad (same values), so the
-rule's hook still sees the output gradient while autograd skips the layer's backward.
-The choice is made at its first call of the step and kept for its other calls. A graph built inside ``record()`` does not carry a detached weight's gradient
-after the context (a second backward of it outside ``record()`` skips that weight).
+gets a 0-dim zero leaf of the step that requires grad added to its output in place (same
+values), so the rule's hook still sees the output gradient while autograd skips the
+layer's backward. The choice is made at its first call of the step and kept for its
+other calls. A graph built inside ``record()`` does not carry a detached weight's
+gradient after the context (a second backward of it outside ``record()`` skips that
+weight).
 nn.MultiheadAttention's projections are read from the graph and never detached.
 """
 from __future__ import annotations
