@@ -35,10 +35,8 @@ from .base import (
     Segments,
     compute_dtype,
     dominant_weight,
-    probe_row_grads,
     probe_tiles,
     register_rule,
-    sq_norm,
 )
 
 
@@ -208,7 +206,7 @@ class ConvRule(matrix.MatrixRule):
     def combine(self, calls, seg: Segments, weights, totals):
         m = self.module
         out = {}
-        gw, gb = self.local("weight"), self.local("bias")
+        gw = self.local("weight")
         rows = self._rows(calls)
         if gw in weights and rows:
             r0 = rows[0]
@@ -233,10 +231,7 @@ class ConvRule(matrix.MatrixRule):
                     m.dilation, False, [0] * r.nd, m.groups, (False, True, False),
                 )[1]
                 out[gw] = out[gw] + gW if gw in out else gW
-        if gb in weights:
-            for r in rows:
-                gB = seg.row_weights(weights[gb], r.device, r.dtype) @ r.bias_rows()
-                out[gb] = out[gb] + gB if gb in out else gB
+        self._combine_bias(rows, seg, weights, out)
         return out
 
     def probe_factors(self, local_name: str) -> tuple[int, ...]:
@@ -253,7 +248,7 @@ class ConvRule(matrix.MatrixRule):
         if not rows:
             return
         tiles = tiles or {}
-        gw, gb = self.local("weight"), self.local("bias")
+        gw = self.local("weight")
         if gw is not None and gw not in self.skipped:  # a detached weight needs no probe
             pr = probes[gw]
             ign = None
@@ -263,14 +258,7 @@ class ConvRule(matrix.MatrixRule):
             for r in rows:
                 value, noise2 = self._probe_rows(r, pr, ign)
                 pr.add(value, noise2, r.N * r.L)
-        if gb is not None and gb not in self.skipped:  # a detached bias needs no probe either
-            noise2 = sum(float(sq_norm(r.g)) for r in rows)
-            count = sum(r.N * r.L for r in rows)
-            pr = probes[gb]
-            if gb in tiles and seg.all_kept:
-                pr.add(probe_tiles(pr, tiles[gb]), noise2, count)
-            else:
-                probe_row_grads(pr, self._bias_rows(rows), noise2, count)
+        self._probe_bias(rows, seg, probes, tiles)
 
     def _probe_rows(self, r: ConvRows, pr: Probe, value_rows) -> tuple[float, float]:
         """(Σ over rows of (D_g·u_g)(A_g·w), noise2 over all rows) for one call; the value

@@ -26,7 +26,6 @@ from .base import (
     Segments,
     compute_dtype,
     dominant_weight,
-    probe_row_grads,
     probe_tiles,
     register_rule,
     sq_norm,
@@ -100,7 +99,7 @@ class LinearRule(matrix.MatrixRule):
     def combine(self, calls, seg: Segments, weights, totals):
         rows = self._rows(calls)
         out = {}
-        gw, gb = self.local("weight"), self.local("bias")
+        gw = self.local("weight")
         if gw in weights and rows:
             r0 = rows[0]
             wr = seg.row_weights(weights[gw], r0.device, r0.dtype)
@@ -128,10 +127,7 @@ class LinearRule(matrix.MatrixRule):
             if beta != 1.0:  # no row outside the dominant weight
                 total.mul_(beta)
             out[gw] = total
-        if gb in weights:
-            for r in rows:
-                gB = seg.row_weights(weights[gb], r.device, r.dtype) @ r.bias_rows()
-                out[gb] = out[gb] + gB if gb in out else gB
+        self._combine_bias(rows, seg, weights, out)
         return out
 
     def probe(self, calls, seg: Segments, probes: dict[str, Probe], tiles=None) -> None:
@@ -142,7 +138,7 @@ class LinearRule(matrix.MatrixRule):
         if not rows:
             return
         tiles = tiles or {}
-        gw, gb = self.local("weight"), self.local("bias")
+        gw = self.local("weight")
         g_sq = []  # Σ_f |D_f|² per call, for the bias's noise term
         if gw is not None and gw not in self.skipped:  # a detached weight needs no probe
             pr = probes[gw]
@@ -161,14 +157,7 @@ class LinearRule(matrix.MatrixRule):
                 else:
                     value = 0.0
                 pr.add(value, noise2, r.N * r.T)
-        if gb is not None:
-            noise2 = sum(g_sq) if g_sq else sum(float(sq_norm(r.g)) for r in rows)
-            count = sum(r.N * r.T for r in rows)
-            pr = probes[gb]
-            if gb in tiles and seg.all_kept:
-                pr.add(probe_tiles(pr, tiles[gb]), noise2, count)
-            else:
-                probe_row_grads(pr, self._bias_rows(rows), noise2, count)
+        self._probe_bias(rows, seg, probes, tiles, sum(g_sq) if g_sq else None)
 
 
 def _flat(x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -48,7 +48,17 @@ from typing import Protocol
 
 import torch
 
-from .base import GramOptions, Rule, Segments, gram_from_row_grads, gram_of_segment_tiles
+from .base import (
+    GramOptions,
+    Probe,
+    Rule,
+    Segments,
+    gram_from_row_grads,
+    gram_of_segment_tiles,
+    probe_row_grads,
+    probe_tiles,
+    sq_norm,
+)
 
 
 class MatrixRows(Protocol):
@@ -311,6 +321,30 @@ class MatrixRule(Rule):
     @staticmethod
     def _bias_rows(rows) -> torch.Tensor:
         return sum(r.bias_rows() for r in rows)  # [N, p]
+
+    def _combine_bias(self, rows, seg: Segments, weights, out: dict) -> None:
+        """out[bias] = Σ_rows w_row · (the row's bias gradient), when weights name the bias."""
+        gb = self.local("bias")
+        if gb in weights:
+            for r in rows:
+                gB = seg.row_weights(weights[gb], r.device, r.dtype) @ r.bias_rows()
+                out[gb] = out[gb] + gB if gb in out else gB
+
+    def _probe_bias(self, rows, seg: Segments, probes: dict[str, Probe], tiles: dict, noise2=None) -> None:
+        """Bias probe Σ_f D_f·w over all positions (from the kept tiles when every row is
+        kept); noise2 = Σ_f |D_f|² unless the caller already has it. A detached bias needs
+        none."""
+        gb = self.local("bias")
+        if gb is None or gb in self.skipped:
+            return
+        if noise2 is None:
+            noise2 = sum(float(sq_norm(r.g)) for r in rows)
+        count = sum(r.N * r.T for r in rows)
+        pr = probes[gb]
+        if gb in tiles and seg.all_kept:
+            pr.add(probe_tiles(pr, tiles[gb]), noise2, count)
+        else:
+            probe_row_grads(pr, self._bias_rows(rows), noise2, count)
 
     def grams(self, calls, seg: Segments, opts: GramOptions, tiles=None):
         rows = self._rows(calls)
