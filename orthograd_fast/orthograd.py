@@ -215,6 +215,7 @@ class OrthoGrad:
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm!r}")
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self._numel = {n: p.numel() for n, p in self.named}  # rank caps of the solves (_solve_batched)
         if not self.named:
             raise ValueError("model has no trainable parameters (requires_grad=True): nothing to unlearn")
         trainable = {id(p) for _, p in self.named}
@@ -274,7 +275,7 @@ class OrthoGrad:
         """Combination weights (S,) and the Gram-block stats for one (S, S) Gram."""
         self._check_finite(gram)
         K, b, gg = gram[:nb, :nb], gram[:nb, nb], gram[nb, nb]
-        c, rank, Gr, rr = _solve(K, b, gg, self.rtol, sum(p.numel() for _, p in self.named))
+        c, rank, Gr, rr = _solve(K, b, gg, self.rtol, sum(self._numel.values()))
         return self._combination(c, nb, B), c, rank, Gr, rr, gg
 
     def step(self, forget_batch, retain_batch) -> dict:
@@ -330,8 +331,8 @@ class OrthoGrad:
             G = torch.stack(list(grams.values()))  # [L, S, S]
             self._check_finite(G)
             K, b, gg_l = G[:, :nb, :nb], G[:, :nb, nb], G[:, nb, nb]
-            numel = dict((n, p.numel()) for n, p in self.named)
-            c, ranks, Gr_l, rr_l = _solve_batched(K, b, gg_l, self.rtol, torch.tensor([numel.get(n, nb) for n in grams]))
+            caps = torch.tensor([self._numel.get(n, nb) for n in grams])
+            c, ranks, Gr_l, rr_l = _solve_batched(K, b, gg_l, self.rtol, caps)
             weights = dict(zip(grams, self._combination(c, nb, B).unbind(0)))
             rank, coef_sq = int(ranks.sum()), float((c * c).sum())
             Gr, rr, gg = Gr_l.sum(0), rr_l.sum(), gg_l.sum()
