@@ -308,7 +308,10 @@ ff 256), LayerNorm, linear head. Reproduce: `python bench/bench_sample_gram.py -
 Reading it. Time ratios are to a plain forward+backward of the same 128 rows, timed
 interleaved in the same process (the two cores are shared with other jobs, hence 1 torch
 thread and best-of-N); between whole runs the ratios still move by about ±0.15 (more for
-the 20 ms MLP step). What SampleGram adds to a plain step: the Gram (ghost for the MLP and
+the 20 ms MLP step). Earlier runs of the same table, before the convolution change (6):
+6520e50 store / store_og MLP 1.65 / 1.40, CNN 1.74 / 1.61, transformer 1.52 / 1.56;
+9c65b4c 1.72 / 1.44, 1.62 / 1.75, 1.69 / 1.58; after it, 80618ee 1.67 / 1.30,
+1.24 / 1.29, 1.59 / 1.52. What SampleGram adds to a plain step: the Gram (ghost for the MLP and
 the heads; explicit "flash-Gram" tiles for convolutions and sequences, whose S²·d·p term
 is as large as the per-row tiles at S = 65), the combination and the probes.
 
@@ -330,19 +333,26 @@ padded copy), per-row tiles from one grouped-convolution weight gradient (no pat
 (5) The ghost path forms the bias Gram from the D·Dᵀ products the weight needs; segment
 maps are built once per step; X Xᵀ multiplies 3/4 of the blocks. Same-process A/B against
 the previous engine (best-of-15, 1 thread): MLP 1.86 → 1.73 (store) / 1.49 (store_og);
-CNN 2.22 → 1.66 / 1.64; transformer 1.90 → 1.51 / 1.54.
+CNN 2.22 → 1.66 / 1.64; transformer 1.90 → 1.51 / 1.54. (6) Convolutions run with
+weight *and* bias detached (80618ee): the CPU convolution backward forms the weight
+gradient whenever the bias needs one (the CNN's 32→64 layer, forward + backward: 64.5 ms
+with or without the weight gradient, 51.4 ms with neither), and a first layer, whose
+input needs no gradient, gets a zero leaf added to its output in place, anchoring it in
+the graph, so that autograd skips its backward entirely (1→32 layer: 44 ms with only the
+bias's gradient, 16 ms for the forward alone); the biases' Grams, `.grad` and
+combination come from the recorded output gradients. CNN store 1.62-1.74 → 1.24-1.31,
+store_og 1.61-1.75 → 1.24-1.29.
 
-Where the rest goes (why 1.3x is out of reach for two of the three). Explicit Grams cost
-about 1.5 weight-gradient GEMMs per layer at S = 65 (the per-segment tiles over all rows,
-plus X Xᵀ with S² ≈ half the N·T rows); detaching pays back one of them only where the
-weight can be detached and where its gradient costs a GEMM. CNN: the CPU convolution
-backward costs the same with or without the weight gradient (measured), so the tiles
-(~33 ms) and X Xᵀ (~7 ms) are pure extra on an ~85 ms plain step: floor ≈ 1.5x.
-Transformer: nn.MultiheadAttention's projections are read from the autograd graph and
-cannot be detached (the graph is also what verifies them), so half of the weight-gradient
-work stays: floor ≈ 1.35-1.4x. MLP: `store_og` is near its floor (combine ≈ the skipped
-weight gradients; ghost Gram ≈ 2 ms); `store` keeps autograd's weight gradients for
-`.grad` plus a GEMM over the 64 retain rows for combine (≈ 0.5 weight-gradient pass).
+Where the rest goes. Explicit Grams cost about 1.5 weight-gradient GEMMs per layer at
+S = 65 (the per-segment tiles over all rows, plus X Xᵀ with S² ≈ half the N·T rows);
+detaching pays back the weight-gradient work autograd would have done. CNN: with weights
+and biases detached, the tiles and X Xᵀ replace the convolutions' weight gradients and
+the first layer's backward: about 1.25-1.3x. Transformer: nn.MultiheadAttention's
+projections are read from the autograd graph and cannot be detached (the graph is also
+what verifies them), so half of the weight-gradient work stays: floor ≈ 1.35-1.4x,
+measured 1.47-1.69. MLP: `store_og` is near its floor (combine ≈ the skipped weight
+gradients; ghost Gram ≈ 2 ms); `store` keeps autograd's weight gradients for `.grad`
+plus a GEMM over the 64 retain rows for combine (≈ 0.5 weight-gradient pass).
 
 Store vs stream. `store` keeps every layer's input (which autograd keeps anyway until the
 backward) and output gradient until record() exits: one backward; layers with kept tiles
