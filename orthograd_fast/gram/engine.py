@@ -138,6 +138,7 @@ class SampleGram(Assignment, Capture, SafetyNet, Fallbacks):
         self._build_rules()
         self._bn = [(p, m) for p, m in model.named_modules() if isinstance(m, _BatchNorm)]
         self._step: _Step | None = None
+        self._row_models: dict = {}  # input signature -> rows.RowModel (capture.py, rows.py)
         self._closed = False
         self._probe_vectors = self._make_probe_vectors()
 

@@ -49,9 +49,6 @@ class EmbeddingRule(Rule):
     def capture(self, module, args, kwargs, output):
         return args[0] if args else kwargs["input"]
 
-    def batch_rows(self, saved) -> int:
-        return saved.shape[0] if saved.dim() >= 1 else -1
-
     def _flat(self, calls, seg: Segments | None, kept_only: bool):
         """Valid positions of all calls: vocab ids (F,), row ids (F,), D (F, E)."""
         pad = self.module.padding_idx
