@@ -193,7 +193,7 @@ class AttentionRule(Rule):
         lin = self._linear_calls(calls)
         self.fallen_back = lin is None
         if lin is None:
-            fb = [Call(saved=c.saved["fallback"], grads=c.grads) for c in calls]
+            fb = [Call(saved=c.saved["fallback"], grads=c.grads, rows=c.rows) for c in calls]
             names = {loc: g for loc, g in self.params.items()}
             return segment_results(per_row_grads(self.module, names, fb, seg.N), seg, opts, probes)
         grams = {}
