@@ -24,6 +24,10 @@ each row times (``triton.testing.do_bench`` medians, ms; two input sets rotated)
   gram_explicit / gram_ghost by its cost model on LinearRows / ConvRows);
 * peak memory (MiB above what was allocated before the call) of tri gram + tri comb,
   torch gram + mm comb, and plain;
+* ratios: ``tri/plain`` = (tri gram + the faster combination) / plain, the Gram
+  engine's cost on top of a plain step, per layer (a whole step is 1 + that, before the
+  engine's dominant-weight saving in the combination); ``torch/tri`` = (torch gram +
+  mm comb) / (tri gram + the faster combination);
 * a correctness gate first: the Triton Gram against the torch path's
   (max |ΔK| / max diag K) and the Triton combination against the matmul; a row whose
   gate fails is printed as MISMATCH and not timed.

@@ -5,35 +5,41 @@ For a weight W (p x d) and the segment gradients (gram_plan.py for A, D, the pla
     X_s = Σ_{rows r in s} Σ_t D_{r,t}ᵀ A_{r,t}          (p x d), s = 0..S-1
     K[s, s'] = <X_s, P ∘ X_s'> = Σ_{i,j} X_s[i,j] P[i,j] X_s'[i,j]     (P = 1 unless scaled)
 
-The (S, p, d) tensor X is never stored. The weight is cut into (BLOCK_P x BLOCK_D) tiles,
-taken in waves of as many tiles as the scratch budget holds for all S segments
-(scratch = S · tiles_per_wave · BLOCK_P · BLOCK_D fp32, default 64 MiB, at least one tile);
-per wave two kernels run:
+The (S, p, d) tensor X is never stored. Work items: every segment is cut into runs of at
+most r rows of the plan order (plan.items, r from ``rows_per_item``), so that the forget
+segment's 64 rows are not one long program per tile; the Gram of the W items, M, gives
+the segments' by bilinearity, K = Pᵀ M P (P the (W x S) one-hot of items to segments,
+fp64 on the host). The weight is cut into (BLOCK_P x BLOCK_D) tiles, taken in waves of as
+many tiles as the scratch budget holds for all W items (scratch = W · tiles_per_wave ·
+BLOCK_P · BLOCK_D fp32, default 32 MiB so that it stays in L2, at least one tile); per
+wave two kernels run:
 
-1. ``_segment_tiles_kernel``, grid (tiles of the wave, S): program (tile, s) walks the
-   flat rows of segment s (gram_plan.py) in BLOCK_F chunks and accumulates
-   X_s[tile] += D_chunkᵀ A_chunk, an fp32 ``tl.dot`` with IEEE products (never TF32),
+1. ``_segment_tiles_kernel``, grid (tiles of the wave, W): program (tile, w) walks the
+   flat rows of item w (gram_plan.py) in BLOCK_F chunks and accumulates
+   X_w[tile] += D_chunkᵀ A_chunk, an fp32 ``tl.dot`` with IEEE products (never TF32),
    in fp32 registers (as the torch backend's fp32 GEMM), then stores the tile to the
-   scratch (S, tiles_per_wave·BLOCK_P·BLOCK_D). With several calls of one layer the
-   later calls add to the scratch (X_s sums over calls: cross terms between calls are
-   part of <g_s, g_t>). Segments run longest first (plan.by_size), so the forget
-   segment's long programs start first. Empty segments store zeros; ignored rows are
-   never read.
-2. ``_tile_gram_kernel``, grid (k-splits, segment blocks i, segment blocks j >= i):
+   scratch (W, tiles_per_wave·BLOCK_P·BLOCK_D). With several calls of one layer the
+   later calls add to the scratch (X sums over calls: cross terms between calls are
+   part of <g_s, g_t>). Items run longest first. Ignored rows are never read; empty
+   segments have no item (their rows and columns of K stay 0).
+2. ``_tile_gram_kernel``, grid (k-splits, blocks i, blocks j >= i of BLOCK_S items):
    split-K Gram of the scratch, each BLOCK_K slice an fp32 IEEE ``tl.dot`` (with the
    scale P, gathered at the slice's weight entries, multiplied into the i side) added to
    fp64 registers; each program adds its (BLOCK_S x BLOCK_S) block into its own fp64
    partial slot, carried over waves (no atomics: deterministic). The host sums the
-   slots and mirrors the upper block triangle once at the end.
+   slots, mirrors the upper block triangle and reduces items to segments once at the end.
 
-Numerics. X_s entries are fp32 sums of n_s·T exact products of fp32 values (fp16/bf16
-are converted exactly): |ΔX_s| ≤ γ(n_s·T)·Σ|D||A| (γ(n) = n·u/(1-n·u), u = 2^-24).
-Each Gram slice adds γ(BLOCK_K) relative to Σ|X_s||P||X_s'| (+u for the scale's
-product); slices are summed in fp64 (no further growth). ``tests/test_gram_kernels.py``
-checks exactly this bound.
+Numerics. X_w entries are fp32 sums of n_w·T exact products of fp32 values (fp16/bf16
+are converted exactly): |ΔX_w| ≤ γ(n_w·T)·Σ|D||A| (γ(n) = n·u/(1-n·u), u = 2^-24).
+Each Gram slice adds γ(BLOCK_K) relative to Σ|X_w||P||X_w'| (+u for the scale's
+product); slices, and items into segments, are summed in fp64 (no further growth).
+``tests/test_gram_kernels.py`` checks exactly this bound (per item, summed into segments).
 
-Cost: d·p·(2·N·T + S²) multiply-adds (the S² term halved by symmetry, up to block
-rounding); memory: the scratch plus (n_split, S, S) fp64 partials.
+Cost: d·p·(N·T + W²/2) multiply-adds (W² up to block rounding); memory: the scratch plus
+(n_split, W, W) fp64 partials. Measured on an H200 (Triton 3.6, bench/gpu_gram_bench.py):
+the tile kernel runs at ~70 % of the card's fp32 cuBLAS rate (GPT-2's c_fc: 8.4 ms for
+1.5e11 multiply-adds); the Gram kernel at 10-25 % (tl.dot's FMA path on small tiles), so
+layers where W² rivals N·T (T = 1: the 4096 MLP) are the ghost kernel's.
 """
 from __future__ import annotations
 
@@ -43,9 +49,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .gram_plan import SegmentPlan, check_rows, flat_offsets, interpreting, num_sms
+from .gram_plan import SegmentPlan, check_flat, check_rows, flat_rows, interpreting, num_sms, row_offsets
 
-DEFAULT_SCRATCH_BYTES = 64 << 20
+DEFAULT_SCRATCH_BYTES = 32 << 20
 
 
 @triton.jit
@@ -53,9 +59,9 @@ def _segment_tiles_kernel(
     A_ptr,  # [N, T, d] strided
     D_ptr,  # [N, T, p] strided
     order_ptr,  # [n_kept] int64
-    starts_ptr,  # [S+1] int64
-    by_size_ptr,  # [S] int64
-    X_ptr,  # [S, stride_xs] fp32 scratch; tile k of the wave at k·BLOCK_P·BLOCK_D
+    item_lo_ptr,  # [W] int64: item w owns order[lo:hi]
+    item_hi_ptr,  # [W] int64
+    X_ptr,  # [W, stride_xs] fp32 scratch; tile k of the wave at k·BLOCK_P·BLOCK_D
     T,
     d,
     p,
@@ -74,9 +80,9 @@ def _segment_tiles_kernel(
     BLOCK_F: tl.constexpr,
 ):
     pid_tile = tl.program_id(0)
-    seg = tl.load(by_size_ptr + tl.program_id(1))  # int64
-    r0 = tl.load(starts_ptr + seg)
-    n_flat = (tl.load(starts_ptr + seg + 1) - r0) * T  # int64
+    w = tl.program_id(1)
+    f_lo = tl.load(item_lo_ptr + w) * T  # [f_lo, f_hi): the item's flat rows (int64)
+    f_hi = tl.load(item_hi_ptr + w) * T
     tile = tile0 + pid_tile
     offs_p = (tile // n_dt) * BLOCK_P + tl.arange(0, BLOCK_P)  # [BP]
     offs_d = (tile % n_dt) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
@@ -85,16 +91,16 @@ def _segment_tiles_kernel(
     col_a = offs_d.to(tl.int64) * sa_d  # [BD]
     col_d = offs_p.to(tl.int64) * sd_p  # [BP]
     acc = tl.zeros([BLOCK_P, BLOCK_D], dtype=tl.float32)
-    for f0 in range(0, n_flat, BLOCK_F):
-        f = f0 + tl.arange(0, BLOCK_F)  # [BF]
-        a_row, mask_f = flat_offsets(order_ptr, r0, f, n_flat, T, sa_n, sa_t)
-        d_row, _ = flat_offsets(order_ptr, r0, f, n_flat, T, sd_n, sd_t)
+    for f0 in range(f_lo, f_hi, BLOCK_F):
+        _, row, t, mask_f = flat_rows(order_ptr, f0 + tl.arange(0, BLOCK_F), f_hi, T)  # [BF]
+        a_row = row_offsets(row, t, sa_n, sa_t)  # [BF] int64
+        d_row = row_offsets(row, t, sd_n, sd_t)
         a = tl.load(A_ptr + a_row[:, None] + col_a[None, :], mask=mask_f[:, None] & mask_d[None, :], other=0.0)
         g = tl.load(D_ptr + d_row[:, None] + col_d[None, :], mask=mask_f[:, None] & mask_p[None, :], other=0.0)
         # [BP, BF] @ [BF, BD]
         acc += tl.dot(tl.trans(g.to(tl.float32)), a.to(tl.float32), input_precision="ieee")
     e = tl.arange(0, BLOCK_P)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]  # [BP, BD]
-    x_ptrs = X_ptr + seg * stride_xs + pid_tile.to(tl.int64) * (BLOCK_P * BLOCK_D) + e
+    x_ptrs = X_ptr + w.to(tl.int64) * stride_xs + pid_tile.to(tl.int64) * (BLOCK_P * BLOCK_D) + e
     if ACC:
         acc += tl.load(x_ptrs)
     tl.store(x_ptrs, acc)
@@ -158,19 +164,17 @@ def _tile_gram_kernel(
 
 def explicit_config(S: int, device: torch.device, compiled: bool | None = None) -> dict:
     """Block sizes: BLOCK_P/BLOCK_D (weight tile), BLOCK_F (flat rows per chunk), BLOCK_S
-    (segments per Gram block), BLOCK_K (Gram slice). The interpreter prefers few, large
-    programs (``compiled=True`` gives the GPU's sizes anyway, for tests); on a GPU
-    BLOCK_S = 32 for S <= 96 wastes least on the ragged last block of S = 2^k + 1 (the
-    forget column)."""
+    (scratch rows per Gram block; 0: by the number of items, ``block_s``), BLOCK_K (Gram
+    slice); optional ROWS_PER_ITEM (else ``rows_per_item``), num_warps/num_stages (segment
+    tiles), num_warps2/num_stages2 (Gram). The interpreter prefers few, large programs
+    (``compiled=True`` gives the GPU's sizes anyway, for tests)."""
     if interpreting() and not compiled:
-        return dict(BLOCK_P=64, BLOCK_D=64, BLOCK_F=64, BLOCK_S=min(64, max(16, triton.next_power_of_2(S))),
-                    BLOCK_K=512)
-    bs = 16 if S <= 16 else (32 if S <= 96 else 64)
-    return dict(BLOCK_P=64, BLOCK_D=64, BLOCK_F=32, BLOCK_S=bs, BLOCK_K=64)
+        return dict(BLOCK_P=64, BLOCK_D=64, BLOCK_F=64, BLOCK_S=64, BLOCK_K=512)
+    return dict(BLOCK_P=64, BLOCK_D=64, BLOCK_F=32, BLOCK_S=0, BLOCK_K=64)
 
 
 def scratch_tiles(S: int, n_tiles: int, cfg: dict, scratch_bytes: int) -> int:
-    """Tiles per wave: as many as ``scratch_bytes`` holds for all S segments, at least one."""
+    """Tiles per wave: as many as ``scratch_bytes`` holds for all S rows (items), at least one."""
     per_tile = max(1, S) * cfg["BLOCK_P"] * cfg["BLOCK_D"] * 4
     return max(1, min(n_tiles, scratch_bytes // per_tile))
 
@@ -235,21 +239,69 @@ def flash_gram(
     if S == 0 or plan.n_kept == 0 or d == 0 or p == 0:
         return K
     cfg = dict(explicit_config(S, dev), **(config or {}))
+    for A, _ in calls:
+        check_flat(plan, A.shape[1], "flash_gram")
+    r = cfg.get("ROWS_PER_ITEM") or rows_per_item(plan, calls, cfg, dev)
+    lo, hi, item_seg = plan.items(r)
+    W = lo.numel()
+    cfg["BLOCK_S"] = cfg["BLOCK_S"] or block_s(W)
     n_tiles = triton.cdiv(p, cfg["BLOCK_P"]) * triton.cdiv(d, cfg["BLOCK_D"])
-    per_wave = scratch_tiles(S, n_tiles, cfg, scratch_bytes)
-    X = torch.empty((S, per_wave * cfg["BLOCK_P"] * cfg["BLOCK_D"]), dtype=torch.float32, device=dev)
-    n_split, _ = _k_split(S, X.shape[1], cfg, dev)
-    part = torch.empty((n_split, S, S), dtype=torch.float64, device=dev)
-    flash_gram_partials(calls, plan, X, part, scale, cfg)
-    return add_upper_blocks(K, part.sum(0), cfg["BLOCK_S"])
+    per_wave = scratch_tiles(W, n_tiles, cfg, scratch_bytes)
+    X = torch.empty((W, per_wave * cfg["BLOCK_P"] * cfg["BLOCK_D"]), dtype=torch.float32, device=dev)
+    n_split, _ = _k_split(W, X.shape[1], cfg, dev)
+    part = torch.empty((n_split, W, W), dtype=torch.float64, device=dev)
+    flash_gram_partials(calls, plan, (lo, hi), X, part, scale, cfg)
+    M = add_upper_blocks(torch.zeros((W, W), dtype=torch.float64, device=dev), part.sum(0), cfg["BLOCK_S"])
+    return K.add_(items_to_segments(M, item_seg, S))
 
 
-def flash_gram_partials(calls, plan: SegmentPlan, X: torch.Tensor, part: torch.Tensor, scale, cfg: dict) -> None:
-    """Run every wave into caller-provided buffers (tests poison them): the scratch X
-    (S, tiles_per_wave·BLOCK_P·BLOCK_D) fp32 (its width sets the wave) and the fp64
-    partials part (n_split, S, S), of which the upper block triangle (blocks of BLOCK_S,
-    diagonal blocks included) is written. Inputs as ``flash_gram``, already checked."""
-    S = plan.S
+def items_to_segments(M: torch.Tensor, item_seg: torch.Tensor, S: int) -> torch.Tensor:
+    """(S, S) Pᵀ M P for the (W x S) one-hot P of items to segments: the Gram of the
+    segments from that of their items (bilinearity; 0/1 products exact, sums in fp64;
+    a dense product, deterministic where index_add_ on CUDA is not)."""
+    P = torch.zeros((M.shape[0], S), dtype=torch.float64, device=M.device)
+    P[torch.arange(M.shape[0], device=M.device), item_seg] = 1.0
+    return P.T @ M @ P
+
+
+def block_s(W: int) -> int:
+    """Rows per block of the Gram kernel for W scratch rows. 64 beyond 32 rows although it
+    rounds W = 96 up to 128: on an H200 (Triton 3.6) 64-blocks ran the 4096 x 4096 layer's
+    Gram in 32 ms against 44 ms for 32-blocks (6 pairs of 32² against 3 pairs of 64²:
+    fewer, larger tl.dot tiles win on the FMA path)."""
+    return 16 if W <= 16 else (32 if W <= 32 else 64)
+
+
+def rows_per_item(plan: SegmentPlan, calls, cfg: dict, device: torch.device) -> int:
+    """Rows per work item of the segment-tile kernel (plan.items) for these calls.
+
+    One segment of many rows (the forget batch) would be one long program per tile, the
+    last to finish; cut into items, its flat rows spread over programs. Items are free up
+    to the Gram kernel's block rounding (W <= S rounded up to a block: the (W x W) Gram of
+    the scratch has as many blocks as the (S x S) one); more are taken only while the
+    weight's tiles alone give fewer than ~4 programs per SM, and while W² stays below the
+    flat rows n_kept·T (the Gram's W²/2·d·p below the tiles' n_kept·T·d·p)."""
+    d, p = calls[0][0].shape[2], calls[0][1].shape[2]
+    T = max(A.shape[1] for A, _ in calls)
+    n_tiles = triton.cdiv(p, cfg["BLOCK_P"]) * triton.cdiv(d, cfg["BLOCK_D"])
+    bs = block_s(plan.S)
+    S_pad = -(-plan.S // bs) * bs
+    want = -(-4 * num_sms(device) // max(1, n_tiles))
+    cap = max(S_pad, min(want, int((plan.n_kept * T) ** 0.5)))
+    r = 1
+    while plan.n_items(r) > cap and r < plan.max_rows:
+        r *= 2
+    return r
+
+
+def flash_gram_partials(calls, plan: SegmentPlan, items, X: torch.Tensor, part: torch.Tensor, scale, cfg: dict) -> None:
+    """Run every wave into caller-provided buffers (tests poison them). items: (lo, hi)
+    (W,) int64 row ranges of the plan order (plan.items); X: (W, tiles_per_wave·BLOCK_P·
+    BLOCK_D) fp32 scratch (its width sets the wave); part: (n_split, W, W) fp64 partials of
+    the items' Gram M, of which the upper block triangle (blocks of BLOCK_S, diagonal
+    blocks included) is written. Inputs as ``flash_gram``, already checked."""
+    lo, hi = items
+    W = lo.numel()
     d, p = calls[0][0].shape[2], calls[0][1].shape[2]
     bp, bd = cfg["BLOCK_P"], cfg["BLOCK_D"]
     n_dt = triton.cdiv(d, bd)
@@ -258,21 +310,23 @@ def flash_gram_partials(calls, plan: SegmentPlan, X: torch.Tensor, part: torch.T
     per_wave = stride_xs // (bp * bd)
     n_split = part.shape[0]
     k_per = triton.cdiv(triton.cdiv(stride_xs, cfg["BLOCK_K"]), n_split) * cfg["BLOCK_K"]
-    nb = triton.cdiv(S, cfg["BLOCK_S"])
+    nb = triton.cdiv(W, cfg["BLOCK_S"])
     P = scale if scale is not None else X  # a dummy pointer when unscaled
     sp = (scale.stride(0), scale.stride(1)) if scale is not None else (0, 0)
     p1 = dict(BLOCK_P=bp, BLOCK_D=bd, BLOCK_F=cfg["BLOCK_F"])
     p2 = dict(BLOCK_S=cfg["BLOCK_S"], BLOCK_K=cfg["BLOCK_K"], BLOCK_P=bp, BLOCK_D=bd)
+    w1 = {k: cfg[k] for k in ("num_warps", "num_stages") if k in cfg}
+    w2 = {k[:-1]: cfg[k] for k in ("num_warps2", "num_stages2") if k in cfg}
     for w, tile0 in enumerate(range(0, n_tiles, per_wave)):
         nt = min(per_wave, n_tiles - tile0)
         for ci, (A, D) in enumerate(calls):
-            _segment_tiles_kernel[(nt, S)](
-                A, D, plan.order, plan.starts, plan.by_size, X, A.shape[1], d, p, n_dt, tile0, stride_xs,
-                A.stride(0), A.stride(1), A.stride(2), D.stride(0), D.stride(1), D.stride(2), ACC=ci > 0, **p1,
+            _segment_tiles_kernel[(nt, W)](
+                A, D, plan.order, lo, hi, X, A.shape[1], d, p, n_dt, tile0, stride_xs,
+                A.stride(0), A.stride(1), A.stride(2), D.stride(0), D.stride(1), D.stride(2), ACC=ci > 0, **p1, **w1,
             )
         _tile_gram_kernel[(n_split, nb, nb)](
-            X, P, part, S, nt * bp * bd, k_per, stride_xs, tile0, n_dt, p, d, sp[0], sp[1],
-            FIRST=w == 0, SCALE=scale is not None, **p2,
+            X, P, part, W, nt * bp * bd, k_per, stride_xs, tile0, n_dt, p, d, sp[0], sp[1],
+            FIRST=w == 0, SCALE=scale is not None, **p2, **w2,
         )
 
 

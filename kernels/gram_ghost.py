@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gram_plan import SegmentPlan, check_rows, flat_offsets, interpreting, num_sms
+from .gram_plan import SegmentPlan, check_flat, check_rows, flat_rows, interpreting, num_sms, row_offsets
 
 
 @triton.jit
@@ -102,24 +102,24 @@ def _ghost_kernel(
     if run:
         i0 = pid_i * BLOCK_S
         j0 = pid_j * BLOCK_S
-        ri = tl.load(starts_ptr + i0)
-        nfi = (tl.load(starts_ptr + tl.minimum(i0 + BLOCK_S, S)) - ri) * T1  # flat rows of block I
-        rj = tl.load(starts_ptr + j0)
-        nfj = (tl.load(starts_ptr + tl.minimum(j0 + BLOCK_S, S)) - rj) * T2
+        fi_lo = tl.load(starts_ptr + i0) * T1  # block I's flat rows [fi_lo, fi_hi)
+        fi_hi = tl.load(starts_ptr + tl.minimum(i0 + BLOCK_S, S)) * T1
+        fj_lo = tl.load(starts_ptr + j0) * T2
+        fj_hi = tl.load(starts_ptr + tl.minimum(j0 + BLOCK_S, S)) * T2
         cols = tl.arange(0, BLOCK_S)  # [BS]
         acc = tl.zeros([BLOCK_S, BLOCK_S], dtype=tl.float64)
         accb = tl.zeros([BLOCK_S, BLOCK_S], dtype=tl.float64)
-        for fi in range(0, nfi, BLOCK_F):
-            f = fi + tl.arange(0, BLOCK_F)  # [BF]
-            oa1, mf = flat_offsets(order_ptr, ri, f, nfi, T1, sa1_n, sa1_t)
-            od1, _ = flat_offsets(order_ptr, ri, f, nfi, T1, sd1_n, sd1_t)
-            si = tl.load(seg_ptr + ri + f.to(tl.int64) // T1, mask=mf, other=-1) - i0  # [BF]
+        for fi in range(fi_lo, fi_hi, BLOCK_F):
+            pos, row, t, mf = flat_rows(order_ptr, fi + tl.arange(0, BLOCK_F), fi_hi, T1)
+            oa1 = row_offsets(row, t, sa1_n, sa1_t)  # [BF] int64
+            od1 = row_offsets(row, t, sd1_n, sd1_t)
+            si = tl.load(seg_ptr + pos, mask=mf, other=-1) - i0  # [BF] segment within block I
             ei = ((si[:, None] == cols[None, :]) & mf[:, None]).to(tl.float32)  # [BF, BS]
-            for qj in range(pid_z * BLOCK_F, nfj, n_split * BLOCK_F):
-                q = qj + tl.arange(0, BLOCK_F)  # [BF]
-                oa2, mq = flat_offsets(order_ptr, rj, q, nfj, T2, sa2_n, sa2_t)
-                od2, _ = flat_offsets(order_ptr, rj, q, nfj, T2, sd2_n, sd2_t)
-                sj = tl.load(seg_ptr + rj + q.to(tl.int64) // T2, mask=mq, other=-1) - j0
+            for qj in range(fj_lo + pid_z * BLOCK_F, fj_hi, n_split * BLOCK_F):
+                pos2, row2, t2, mq = flat_rows(order_ptr, qj + tl.arange(0, BLOCK_F), fj_hi, T2)
+                oa2 = row_offsets(row2, t2, sa2_n, sa2_t)
+                od2 = row_offsets(row2, t2, sd2_n, sd2_t)
+                sj = tl.load(seg_ptr + pos2, mask=mq, other=-1) - j0
                 ej = ((sj[:, None] == cols[None, :]) & mq[:, None]).to(tl.float32)  # [BF, BS]
                 ma = _gram_of_rows(A1_ptr, A2_ptr, oa1, oa2, mf, mq, d, sa1_d, sa2_d, BLOCK_F, BLOCK_K)
                 md = _gram_of_rows(D1_ptr, D2_ptr, od1, od2, mf, mq, p, sd1_p, sd2_p, BLOCK_F, BLOCK_K)
@@ -144,10 +144,10 @@ def ghost_config(S: int, device: torch.device, compiled: bool | None = None) -> 
     even under the interpreter (tests)."""
     if interpreting() and not compiled:
         return dict(BLOCK_S=min(64, max(16, triton.next_power_of_2(S))), BLOCK_F=64, BLOCK_K=128)
-    return dict(BLOCK_S=16 if S <= 16 else 32, BLOCK_F=32, BLOCK_K=64)
+    return dict(BLOCK_S=16 if S <= 16 else 32, BLOCK_F=32, BLOCK_K=128)
 
 
-def _n_split(plan: SegmentPlan, T: int, nb: int, pairs: int, cfg: dict, device) -> int:
+def _n_split(plan: SegmentPlan, T: int, pairs: int, cfg: dict, device) -> int:
     """Splits of the column chunks: about two programs per SM, no more than the chunks of
     the biggest segment block (more would only add idle programs)."""
     chunks = max(1, triton.cdiv(min(plan.n_kept, plan.max_rows * cfg["BLOCK_S"]) * T, cfg["BLOCK_F"]))
@@ -185,6 +185,7 @@ def ghost_gram(
     for i, (A, D) in enumerate(calls):
         if A.shape[2] != d or D.shape[2] != p:
             raise ValueError(f"call {i} has (d, p) = ({A.shape[2]}, {D.shape[2]}), call 0 has ({d}, {p})")
+        check_flat(plan, A.shape[1], "ghost_gram")
     S, dev = plan.S, plan.device
     if out is not None and (out.shape != (S, S) or out.dtype != torch.float64 or out.device != dev):
         raise ValueError(f"out must be an fp64 ({S}, {S}) tensor on {dev}")
@@ -202,7 +203,7 @@ def ghost_gram(
             (A1, D1), (A2, D2) = calls[c1], calls[c2]
             sym = c1 == c2
             pairs = nb * (nb + 1) // 2 if sym else nb * nb
-            n_split = _n_split(plan, A2.shape[1], nb, pairs, cfg, dev)
+            n_split = _n_split(plan, A2.shape[1], pairs, cfg, dev)
             part = torch.empty((n_split, S, S), dtype=torch.float64, device=dev)
             part_b = torch.empty((n_split, S, S), dtype=torch.float64, device=dev) if bias else part
             ghost_partials(A1, D1, A2, D2, plan, part, part_b, sym, bias, cfg)

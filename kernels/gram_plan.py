@@ -10,19 +10,20 @@ kernels read it (orthograd_fast/gram/rules/matrix.py has the maths):
 Rows of one segment are grouped once per step on the host (``segment_plan``): ``order``
 lists the kept rows segment by segment (stable: ascending row index inside a segment),
 ``starts[s]:starts[s+1]`` is segment s's slice of ``order``. One plan serves every layer
-of the step (all layers see the same N rows), so its single device-to-host sync (the
-number of kept rows, and the id range check) is paid once per step.
+of the step (all layers see the same N rows), so its two device-to-host syncs (the id range
+check, the rows per segment) are paid once per step.
 
-Flat rows. Within a range of ``order`` the kernels walk "flat rows" f = (row position,
-position t): f = j·T + t for the j-th row of the range, so a segment with n rows has n·T
-flat rows, and the flat rows of consecutive segments are consecutive. ``flat_offsets``
-turns flat indices into element offsets of a strided (N, T, ·) tensor in int64: a row
-index times a row stride passes 2^31 elements on large layers (row 40 000 of an
-(N, 512, 768) activation is at 1.6e10), and the position term t·stride_t can too.
+Flat rows. The kernels walk "flat rows" f = j·T + t (row j of the plan order, position
+t), so segment s owns flat rows [starts[s]·T, starts[s+1]·T). ``flat_rows`` maps flat
+indices to (row, t) and ``row_offsets`` to element offsets of a strided (N, T, ·)
+tensor in int64: a row index times a row stride passes 2^31 elements on large layers
+(row 40 000 of an (N, 512, 768) activation is at 1.6e10), and t·stride_t can too. Flat
+indices themselves stay below 2^31 (launchers refuse n_kept·T past it), so the division
+f // T runs in int32.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -42,6 +43,7 @@ class SegmentPlan:
     by_size (S,) int64: segments by decreasing row count (longest first: the explicit
         kernel schedules them first so the long programs do not finish last).
     max_rows: rows of the largest segment (host int).
+    counts: rows per segment (host tuple of S ints).
     """
 
     N: int
@@ -52,6 +54,33 @@ class SegmentPlan:
     seg_sorted: torch.Tensor
     starts: torch.Tensor
     by_size: torch.Tensor
+    counts: tuple = ()
+    _memo: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def items(self, rows_per_item: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every non-empty segment cut into runs of at most ``rows_per_item`` rows of the
+        order ("items"; the explicit kernel's unit of work, so that a many-row segment is
+        not one long program). Returns (lo (W,) int64, hi (W,) int64: item w owns
+        order[lo:hi]; seg (W,) int64: its segment), longest items first. Memoized."""
+        key = ("items", rows_per_item)
+        if key not in self._memo:
+            lo, hi, seg = [], [], []
+            start = 0
+            for s, n in enumerate(self.counts):
+                for a in range(0, n, rows_per_item):
+                    lo.append(start + a)
+                    hi.append(start + min(n, a + rows_per_item))
+                    seg.append(s)
+                start += n
+            by_len = sorted(range(len(lo)), key=lambda w: lo[w] - hi[w])  # stable: longest first
+            t = torch.tensor([[lo[w] for w in by_len], [hi[w] for w in by_len], [seg[w] for w in by_len]],
+                             dtype=torch.int64).reshape(3, -1).to(self.device)
+            self._memo[key] = (t[0], t[1], t[2])
+        return self._memo[key]
+
+    def n_items(self, rows_per_item: int) -> int:
+        """W of ``items(rows_per_item)``, without building them."""
+        return sum(-(-n // rows_per_item) for n in self.counts)
 
     @property
     def device(self) -> torch.device:
@@ -87,14 +116,16 @@ def segment_plan(ids: torch.Tensor, num_segments: int) -> SegmentPlan:
     key = torch.where(kept, ids, torch.full_like(ids, S))
     perm = torch.sort(key, stable=True).indices
     counts = torch.bincount(ids[kept], minlength=S)[:S]  # [S]
-    n_kept = int(counts.sum()) if S else 0
+    counts_host = tuple(counts.tolist())  # the plan's second (and last) device-to-host sync
+    n_kept = sum(counts_host)
     order = perm[:n_kept].contiguous()
     starts = torch.zeros(S + 1, dtype=torch.int64, device=dev)
     starts[1:] = torch.cumsum(counts, 0)
     by_size = torch.sort(counts, descending=True, stable=True).indices.to(torch.int64)
-    max_rows = int(counts.max()) if S else 0
+    max_rows = max(counts_host, default=0)
     return SegmentPlan(N=N, S=S, n_kept=n_kept, max_rows=max_rows, order=order,
-                       seg_sorted=key[order].contiguous(), starts=starts, by_size=by_size.contiguous())
+                       seg_sorted=key[order].contiguous(), starts=starts, by_size=by_size.contiguous(),
+                       counts=counts_host)
 
 
 def check_rows(name_a: str, A: torch.Tensor, name_d: str, D: torch.Tensor, plan: SegmentPlan) -> None:
@@ -116,19 +147,37 @@ def check_rows(name_a: str, A: torch.Tensor, name_d: str, D: torch.Tensor, plan:
 
 
 @triton.jit
-def flat_offsets(order_ptr, r0, f, n_flat, T, stride_n, stride_t):
-    """Element offsets (int64) of flat rows f of the order range starting at r0.
+def flat_rows(order_ptr, f, f_hi, T):
+    """Rows and positions of flat rows f of the plan order (module docstring).
 
-    f: [BF] flat indices (j·T + t) relative to the range, n_flat: flat rows in the range.
-    Returns (offsets [BF] int64 = order[r0 + f // T]·stride_n + (f % T)·stride_t,
-    mask [BF] = f < n_flat). Every factor is widened to int64 before a product.
+    f: [BF] flat indices pos·T + t (integers < 2^31: the launchers refuse n_kept·T past
+    that), f_hi: end of the valid range. Returns (pos [BF] int32 = f // T, row [BF] int64
+    = order[pos], t [BF] int64 = f % T, mask [BF] = f < f_hi). The division runs in int32 (a 64-bit
+    division is a long software sequence on GPUs); the results are widened, so the
+    offsets built from them (``row_offsets``) are int64.
     """
-    f = f.to(tl.int64)  # [BF]; every product below has an int64 factor
-    mask = f < n_flat
-    pos = r0 + f // T  # [BF] position in order (r0 is an int64 load)
+    mask = f < f_hi
+    f32 = f.to(tl.int32)
+    pos = f32 // T  # [BF]
     row = tl.load(order_ptr + pos, mask=mask, other=0).to(tl.int64)  # [BF]
-    t = f % T  # [BF] int64
-    return row * stride_n + t * stride_t, mask
+    t = (f32 - pos * T).to(tl.int64)  # [BF]
+    return pos, row, t, mask
+
+
+@triton.jit
+def row_offsets(row, t, stride_n, stride_t):
+    """Element offsets row·stride_n + t·stride_t of int64 rows/positions (int64 products)."""
+    return row * stride_n + t * stride_t
+
+
+MAX_FLAT = 2**31 - 1
+
+
+def check_flat(plan: "SegmentPlan", T: int, name: str) -> None:
+    """ValueError when the kept flat rows n_kept·T do not fit the kernels' int32 indices."""
+    if plan.n_kept * T > MAX_FLAT:
+        raise ValueError(f"{name}: {plan.n_kept} kept rows x {T} positions = {plan.n_kept * T} flat rows "
+                         f"exceed 2^31 - 1; use the torch backend or fewer rows per step")
 
 
 def interpreting() -> bool:

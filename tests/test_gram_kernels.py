@@ -64,12 +64,37 @@ def seg_grads(calls, ids, S):
     return X, Xa
 
 
-def explicit_ref(calls, ids, S, block_k: int, scale=None):
-    """(K, bound): fp64 Gram and the error bound of flash_gram (gram_explicit docstring)."""
-    X, Xa = seg_grads(calls, ids, S)
-    counts = torch.bincount(ids[ids >= 0], minlength=S).double()
-    n = counts * sum(A.shape[1] for A, _ in calls) + len(calls) + 1  # fp32 terms per X_s entry
-    return explicit_bound(X.reshape(S, -1), Xa.reshape(S, -1), n, block_k, scale)
+def explicit_ref(calls, ids, S, block_k: int, scale=None, items=None):
+    """(K, bound): fp64 Gram and the error bound of flash_gram (gram_explicit docstring).
+
+    items: (plan, rows_per_item) when the kernel works on the plan's items (row runs of
+    segments): the bound is then that of the items' Gram M summed into segments, Pᵀ|ΔM|P
+    (an item's fp32 sums are shorter than its segment's, but items of one segment may
+    cancel, so the segment-level bound would not hold)."""
+    if items is None:
+        X, Xa = seg_grads(calls, ids, S)
+        counts = torch.bincount(ids[ids >= 0], minlength=S).double()
+        n = counts * sum(A.shape[1] for A, _ in calls) + len(calls) + 1  # fp32 terms per X_s entry
+        return explicit_bound(X.reshape(S, -1), Xa.reshape(S, -1), n, block_k, scale)
+    plan, r = items
+    lo, hi, iseg = (t.cpu() for t in plan.items(r))
+    W = lo.numel()
+    item_of_row = torch.full((ids.numel(),), -1, dtype=torch.int64)
+    order = plan.order.cpu()
+    for w in range(W):
+        item_of_row[order[lo[w]:hi[w]]] = w
+    _, bM = explicit_ref(calls, item_of_row, W, block_k, scale)
+    P = onehot(iseg, S)  # [W, S]
+    K, _ = explicit_ref(calls, ids, S, block_k, scale)  # from the ids alone, not the items
+    return K, P.T @ bM @ P
+
+
+def explicit_expect(calls, ids, S, plan, config=None, scale=None):
+    """explicit_ref for what flash_gram(calls, plan, config=config) runs (its items, its BLOCK_K)."""
+    dev = torch.device(DEVICE)
+    cfg = dict(ge.explicit_config(S, dev), **(config or {}))
+    r = cfg.get("ROWS_PER_ITEM") or ge.rows_per_item(plan, calls, cfg, dev)
+    return explicit_ref(calls, ids, S, cfg["BLOCK_K"], scale, items=(plan, r))
 
 
 def explicit_bound(X, Xa, n, block_k: int, scale=None):
@@ -112,7 +137,8 @@ def within(K: torch.Tensor, K_ref: torch.Tensor, bound: torch.Tensor):
     assert not K.isnan().any(), "NaN in the result"
     err = (K - K_ref).abs()
     worst = float((err - bound).max())
-    assert bool((err <= bound + 1e-300).all()), f"error exceeds the bound by {worst:.3e} (max err {float(err.max()):.3e})"
+    assert bool((err <= bound + 1e-300).all()), \
+        f"error exceeds the bound by {worst:.3e} (max err {float(err.max()):.3e})"
 
 
 def rand_rows(N, T, d, p, dtype, gen, layout="contiguous"):
@@ -139,6 +165,10 @@ def test_segment_plan_groups_rows():
     assert plan.seg_sorted.tolist() == [0, 0, 1, 3, 3, 3]
     assert plan.starts.tolist() == [0, 2, 3, 3, 6, 6]  # segments 2 and 4 empty
     assert plan.by_size.tolist()[:3] == [3, 0, 1]
+    lo, hi, seg = plan.items(2)  # runs of <= 2 rows, longest first, covering every kept row once
+    assert sorted(zip(lo.tolist(), hi.tolist(), seg.tolist())) == [(0, 2, 0), (2, 3, 1), (3, 5, 3), (5, 6, 3)]
+    assert (hi - lo).tolist() == sorted((hi - lo).tolist(), reverse=True)
+    assert plan.n_items(2) == 4 and plan.n_items(1) == 6
     assert ids.tolist() == [3, 0, -1, 3, 0, 3, -1, 1]  # input untouched
 
 
@@ -189,12 +219,11 @@ def test_empty_cases(gen):
 
 # ----------------------------------------------------------------------------- int64 index math
 @triton.jit
-def _offsets_probe(order_ptr, out_ptr, mask_ptr, r0_ptr, n_flat, T, s_n, s_t, BLOCK: tl.constexpr):
-    f = tl.arange(0, BLOCK)
-    r0 = tl.load(r0_ptr)  # an int64 load, as the kernels get their range starts
-    off, m = gp.flat_offsets(order_ptr, r0, f, n_flat, T, s_n, s_t)
-    tl.store(out_ptr + f, off)
-    tl.store(mask_ptr + f, m.to(tl.int8))
+def _offsets_probe(order_ptr, out_ptr, mask_ptr, f0_ptr, f_hi, T, s_n, s_t, BLOCK: tl.constexpr):
+    f = tl.load(f0_ptr) + tl.arange(0, BLOCK)  # int64 flat indices, as the kernels form them
+    _, row, t, m = gp.flat_rows(order_ptr, f, f_hi, T)
+    tl.store(out_ptr + tl.arange(0, BLOCK), gp.row_offsets(row, t, s_n, s_t))
+    tl.store(mask_ptr + tl.arange(0, BLOCK), m.to(tl.int8))
 
 
 @triton.jit
@@ -213,16 +242,16 @@ def test_flat_offsets_are_int64_past_2_31():
     T, s_n, s_t = 4, 393_216, 1 << 22
     order = torch.tensor([7, 3_000_001, 5_460, 3_000_000, 2, 6_000_000, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43],
                          dtype=torch.int64, device=DEVICE)
-    r0, n_flat = 1, 13 * T - 3
+    f0, f_hi = 1 * T, 14 * T - 3  # flat rows from order position 1 on
     out = torch.full((64,), -1, dtype=torch.int64, device=DEVICE)
     mask = torch.full((64,), -1, dtype=torch.int8, device=DEVICE)
-    r0_t = torch.tensor([r0], dtype=torch.int64, device=DEVICE)
-    _offsets_probe[(1,)](order, out, mask, r0_t, n_flat, T, s_n, s_t, BLOCK=64)
+    _offsets_probe[(1,)](order, out, mask, torch.tensor([f0], device=DEVICE), f_hi, T, s_n, s_t, BLOCK=64)
     o = order.tolist()
-    for f in range(64):
-        assert int(mask[f]) == int(f < n_flat)
-        if f < n_flat:
-            assert int(out[f]) == o[r0 + f // T] * s_n + (f % T) * s_t, f
+    for j in range(64):
+        f = f0 + j
+        assert int(mask[j]) == int(f < f_hi)
+        if f < f_hi:
+            assert int(out[j]) == o[f // T] * s_n + (f % T) * s_t, f
     assert max(int(v) for v in out) > 2**31
     naive = torch.zeros(64, dtype=torch.int64, device=DEVICE)
     _offsets_probe_int32[(1,)](order, naive, T, s_n, s_t, BLOCK=64)
@@ -246,48 +275,55 @@ def test_flash_gram(N, T, d, p, S, ign, empty, dtype, gen):
     A, D = rand_rows(N, T, d, p, dtype, gen)
     plan = plan_of(ids, S)
     K = ge.flash_gram((A, D), plan)
-    cfg = ge.explicit_config(S, torch.device(DEVICE))
-    K_ref, bound = explicit_ref([(A, D)], ids, S, cfg["BLOCK_K"])
+    K_ref, bound = explicit_expect([(A, D)], ids, S, plan)
     within(K, K_ref, bound)
     assert torch.equal(K, K.T)
+    if S > 1:  # and with whole segments as the work items
+        K_ref, bound = explicit_expect([(A, D)], ids, S, plan, dict(ROWS_PER_ITEM=N))
+        within(ge.flash_gram((A, D), plan, config=dict(ROWS_PER_ITEM=N)), K_ref, bound)
 
 
 def test_flash_gram_poisoned_waves_and_splits(gen):
     """Small blocks, a scratch of one tile (13 waves), three k-splits, two calls with
-    different T and a transposed (conv-like) layout; scratch and partials poisoned."""
+    different T and a transposed (conv-like) layout, items of 2 rows; scratch and
+    partials poisoned."""
     N, d, p, S = 11, 37, 45, 7
     ids = make_ids(N, S, gen, 2, (4,))
     calls = [rand_rows(N, 3, d, p, torch.float32, gen), rand_rows(N, 2, d, p, torch.float32, gen, "transposed")]
     plan = plan_of(ids, S)
-    cfg = dict(BLOCK_P=16, BLOCK_D=16, BLOCK_F=16, BLOCK_S=16, BLOCK_K=64)
-    X = torch.full((S, 16 * 16), float("nan"), device=DEVICE)
-    part = torch.full((3, S, S), float("nan"), dtype=torch.float64, device=DEVICE)
-    ge.flash_gram_partials(calls, plan, X, part, None, cfg)
-    assert not part.isnan().any()  # S < BLOCK_S: one diagonal block, all written
-    K = ge.add_upper_blocks(torch.zeros(S, S, dtype=torch.float64, device=DEVICE), part.sum(0), 16)
-    K_ref, bound = explicit_ref(calls, ids, S, cfg["BLOCK_K"])
-    within(K, K_ref, bound)
+    cfg = dict(BLOCK_P=16, BLOCK_D=16, BLOCK_F=16, BLOCK_S=16, BLOCK_K=64, ROWS_PER_ITEM=2)
+    lo, hi, iseg = plan.items(2)
+    W = lo.numel()
+    X = torch.full((W, 16 * 16), float("nan"), device=DEVICE)
+    part = torch.full((3, W, W), float("nan"), dtype=torch.float64, device=DEVICE)
+    ge.flash_gram_partials(calls, plan, (lo, hi), X, part, None, cfg)
+    assert not part.isnan().any()  # W < BLOCK_S: one diagonal block, all written
+    M = ge.add_upper_blocks(torch.zeros(W, W, dtype=torch.float64, device=DEVICE), part.sum(0), 16)
+    K_ref, bound = explicit_expect(calls, ids, S, plan, cfg)
+    within(ge.items_to_segments(M, iseg, S), K_ref, bound)
     # the public launcher with the same small scratch agrees
-    K2 = ge.flash_gram(calls, plan, scratch_bytes=1, config=cfg)
-    within(K2, K_ref, bound)
+    within(ge.flash_gram(calls, plan, scratch_bytes=1, config=cfg), K_ref, bound)
 
 
 def test_flash_gram_upper_blocks_written(gen):
-    """S = 40 over blocks of 16: every upper block (6 of 9) of every split written."""
-    N, T, d, p, S = 30, 2, 20, 24, 40
-    ids = make_ids(N, S, gen, 1)
+    """40 items over blocks of 16: every upper block (6 of 9) of every split written."""
+    N, T, d, p, S = 40, 2, 20, 24, 30
+    ids = make_ids(N, S, gen)
     A, D = rand_rows(N, T, d, p, torch.float32, gen)
     plan = plan_of(ids, S)
-    cfg = dict(BLOCK_P=16, BLOCK_D=16, BLOCK_F=16, BLOCK_S=16, BLOCK_K=128)
-    X = torch.full((S, 2 * 256), float("nan"), device=DEVICE)
-    part = torch.full((2, S, S), float("nan"), dtype=torch.float64, device=DEVICE)
-    ge.flash_gram_partials([(A, D)], plan, X, part, None, cfg)
-    b = torch.arange(S, device=DEVICE) // 16
+    cfg = dict(BLOCK_P=16, BLOCK_D=16, BLOCK_F=16, BLOCK_S=16, BLOCK_K=128, ROWS_PER_ITEM=1)
+    lo, hi, iseg = plan.items(1)
+    W = lo.numel()
+    assert W == 40
+    X = torch.full((W, 2 * 256), float("nan"), device=DEVICE)
+    part = torch.full((2, W, W), float("nan"), dtype=torch.float64, device=DEVICE)
+    ge.flash_gram_partials([(A, D)], plan, (lo, hi), X, part, None, cfg)
+    b = torch.arange(W, device=DEVICE) // 16
     upper = b[:, None] <= b[None, :]
     assert not part[:, upper].isnan().any()
-    K = ge.add_upper_blocks(torch.zeros(S, S, dtype=torch.float64, device=DEVICE), part.sum(0), 16)
-    K_ref, bound = explicit_ref([(A, D)], ids, S, 128)
-    within(K, K_ref, bound)
+    M = ge.add_upper_blocks(torch.zeros(W, W, dtype=torch.float64, device=DEVICE), part.sum(0), 16)
+    K_ref, bound = explicit_expect([(A, D)], ids, S, plan, cfg)
+    within(ge.items_to_segments(M, iseg, S), K_ref, bound)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -303,7 +339,7 @@ def test_flash_gram_scaled(dtype, gen):
     out = prior.clone().to(DEVICE)
     K = ge.flash_gram((A, D), plan, scale=P, out=out)
     assert K is out
-    K_ref, bound = explicit_ref([(A, D)], ids, S, ge.explicit_config(S, torch.device(DEVICE))["BLOCK_K"], scale=P)
+    K_ref, bound = explicit_expect([(A, D)], ids, S, plan, scale=P)
     within(K.cpu() - prior, K_ref, bound + 1e-15 * prior.abs())
 
 
@@ -342,7 +378,7 @@ def test_ghost_poisoned_splits_and_calls(gen):
     within(K, K_ref, bound)
     within(Kb, Kb_ref, bound_b)
     Ke = ge.flash_gram(calls, plan)  # explicit and ghost agree on the same calls
-    within(Ke, K_ref, explicit_ref(calls, ids, S, ge.explicit_config(S, torch.device(DEVICE))["BLOCK_K"])[1])
+    within(Ke, K_ref, explicit_expect(calls, ids, S, plan)[1])
 
 
 # ----------------------------------------------------------------------------- combine
@@ -350,7 +386,8 @@ def combine_ref(calls, ids, S, w):
     X, Xa = seg_grads(calls, ids, S)
     wd = w.cpu().float().double()
     F_total = int((ids >= 0).sum()) * sum(A.shape[1] for A, _ in calls)
-    return torch.einsum("s,spd->pd", wd, X), U * (2 * F_total + len(calls) + 4) * torch.einsum("s,spd->pd", wd.abs(), Xa)
+    bound = U * (2 * F_total + len(calls) + 4) * torch.einsum("s,spd->pd", wd.abs(), Xa)
+    return torch.einsum("s,spd->pd", wd, X), bound
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -446,7 +483,7 @@ def test_gpu_block_sizes(gen):
     plan = plan_of(ids, S)
     dev = torch.device(DEVICE)
     ce, cg, cc = ge.explicit_config(S, dev, True), gg.ghost_config(S, dev, True), gc.combine_config(dev, True)
-    K_ref, bound = explicit_ref([(A, D)], ids, S, ce["BLOCK_K"])
+    K_ref, bound = explicit_expect([(A, D)], ids, S, plan, ce)
     within(ge.flash_gram((A, D), plan, config=ce), K_ref, bound)
     K_ref, _, gbound, _ = ghost_ref([(A, D)], ids, S, cg["BLOCK_F"])
     within(gg.ghost_gram((A, D), plan, config=cg), K_ref, gbound)
@@ -471,7 +508,7 @@ def test_matches_torch_backend(gen):
     seg = Segments(ids.to(DEVICE), S)
     rows = [LinearRows(A, D, {})]
     K_t, _ = matrix.gram_explicit(rows, seg, GramOptions(method="explicit"))
-    K_ref, bound = explicit_ref([(A, D)], ids, S, ge.explicit_config(S, torch.device(DEVICE))["BLOCK_K"])
+    K_ref, bound = explicit_expect([(A, D)], ids, S, plan)
     _, bound_torch = explicit_ref([(A, D)], ids, S, d * p)
     within(ge.flash_gram((A, D), plan), K_t.cpu(), bound + bound_torch)
     K_tg, _ = matrix.gram_ghost(rows, seg, GramOptions(method="ghost"))
@@ -489,8 +526,7 @@ def test_tf32_does_not_leak(gen):
         ids = make_ids(64, 9, gen, 3)
         A, D = rand_rows(64, 7, 300, 200, torch.float32, gen)
         plan = plan_of(ids, 9)
-        cfg = ge.explicit_config(9, torch.device(DEVICE))
-        K_ref, bound = explicit_ref([(A, D)], ids, 9, cfg["BLOCK_K"])
+        K_ref, bound = explicit_expect([(A, D)], ids, 9, plan)
         within(ge.flash_gram((A, D), plan), K_ref, bound)
         K_ref, _, gbound, _ = ghost_ref([(A, D)], ids, 9, gg.ghost_config(9, torch.device(DEVICE))["BLOCK_F"])
         within(gg.ghost_gram((A, D), plan), K_ref, gbound)
