@@ -166,6 +166,13 @@ class Capture:
         step.call_k = {}
         for path, m in self._bn:  # the clearest message first (safety.py)
             self._check_bn(step, path, m, args)
+        for i, x in enumerate(tree_flatten((args, kwargs))[0]):
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                rows = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).nonzero().flatten()[:5].tolist() if x.dim() else []
+                raise ValueError(
+                    f"SampleGram: input {i} of the model {tuple(x.shape)} has NaN/Inf (rows {rows} of dim 0): "
+                    "the data, not the model; per-sample gradients of such rows are not defined"
+                )
         if N == 1:  # one row: every position of every tensor is row 0
             step.rows = RowModel(N=1, r0=0, outputs=[], single=True)
         else:

@@ -476,7 +476,20 @@ def check_rows(model: nn.Module, watched: dict[nn.Module, str], args: tuple, kwa
             state = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
             rec.start("B")
             a, kw = tree_unflatten(perturbed, spec)
-            out_b = [y.detach() if isinstance(y, torch.Tensor) else y for y in flat(model(*a, **kw))]
+            try:
+                out_b = [y.detach() if isinstance(y, torch.Tensor) else y for y in flat(model(*a, **kw))]
+            except Exception as e:
+                buffers.restore()
+                torch.set_rng_state(state[0])
+                with torch.no_grad():
+                    model(*args, **kwargs)  # the real inputs fail too: the model's own error, raised as is
+                raise RowCheckError(
+                    f"the model failed on the batch with row {r0}'s inputs replaced by row {r1}'s "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): an input with {N} "
+                    "entries in dim 0 is not per-row data (EmbeddingBag offsets, lengths or indices into "
+                    "another input); compute it inside the model from per-row data, or pass it with "
+                    "another leading size"
+                ) from e
             buffers.restore()
             torch.set_rng_state(state[0])
             for d, s in zip(devices, state[1]):
