@@ -49,25 +49,9 @@ LAYOUTS = ("mixed", "row_per_segment")
 # peft 0.21 calls a transformers 5.x method that transformers deprecates (not ours to fix)
 pytestmark = pytest.mark.filterwarnings("ignore:.*is_gradient_checkpointing.*:FutureWarning")
 
-_WHISPER_REFUSED = (
-    "issue 8: refused: 'SampleGram fallback: run on one row, output 0 of "
-    "WhisperPositionalEmbedding has shape ({N}, 8, 32), not that row's (1, 8, 32)': the "
-    "decoder's position_ids = arange(8)[None].repeat(N, 1) hold the rows in dim 0 but are "
-    "equal in every row, so the row check (gram/rows.py) takes them for shared and the "
-    "per-row fallback gets them whole"
-)
-_WHISPER_CLS_SILENT = (
-    "issue 8: silently wrong: encoder.embed_positions(arange(8)) with N == T == 8 is served "
-    "by the op tracer (rules/traced.py), which takes the (8,) indices and the (8, 32) table "
-    "slice for rows because dim 0 == N; that tensor's Gram is 0.5-1 off (relative), no warning"
-)
-
-#: (model, layout) -> (the exception the test fails with today, the refusal or error)
-XFAIL = {
-    ("whisper", "mixed"): (ValueError, _WHISPER_REFUSED.format(N=7)),
-    ("whisper", "row_per_segment"): (ValueError, _WHISPER_REFUSED.format(N=8)),
-    ("whisper_cls", "row_per_segment"): (AssertionError, _WHISPER_CLS_SILENT),
-}
+#: (model, layout) -> (the exception the test fails with today, the refusal or error); empty
+#: since the row model (gram/rows.py) serves every case here
+XFAIL: dict = {}
 
 
 def _cases():

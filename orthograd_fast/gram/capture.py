@@ -46,11 +46,12 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .rows import DIM0, LAYOUT, WHOLE, SHARED, CallRows, OutputRows, RowCheckError, RowModel, check_rows, flat
+from .rows import DIM0, LAYOUT, WHOLE, SHARED, CallRows, OutputRows, RowCheckError, RowModel, alias_leaves
+from .rows import check_rows, flat
 from .rows import per_row_inputs, signature
 from .rules import Probe, Rule, Segments
 from .rules.base import Call
-from .rules.traced import ParamTracer
+from .rules.traced import ParamTracer, traced_row_grads
 
 
 class _Step:
@@ -176,12 +177,17 @@ class Capture:
         if N == 1:  # one row: every position of every tensor is row 0
             step.rows = RowModel(N=1, r0=0, outputs=[], single=True)
         else:
-            sig = signature(self.model, args, kwargs, N)
+            # the traced set is part of the signature: a parameter rerouted to the tracer
+            # (safety.py) gets its split checked by the next step's row check
+            sig = (signature(self.model, args, kwargs, N), tuple(sorted(self._root.params)))
             rm = self._row_models.get(sig)
             if rm is None:
                 rm = self._row_check(step, args, kwargs)
+                sig = (sig[0], tuple(sorted(self._root.params)))
                 self._row_models[sig] = rm
             step.rows = rm
+            if step.tracer is not None and rm.trace_problem is not None:
+                step.tracer.problem = rm.trace_problem  # the root fallback re-runs the model per row
         batched = set(per_row_inputs(args, kwargs, N))
         n_in = len(tree_flatten((args, kwargs))[0])
         lay = WHOLE if N == 1 else DIM0
@@ -191,19 +197,60 @@ class Capture:
         """Run the row check with the step's hooks and tracer asleep; act on its verdicts:
         refuse modules whose rows interact, move the parameters of modules whose output is
         shared by all rows to the op tracer (rules/traced.py)."""
+        for _ in range(2):  # again when modules were found shared: their tracing gets checked too
+            rm = self._run_row_check(step, args, kwargs)
+            if not self._row_verdicts(step, rm):
+                return rm
+        return rm
+
+    def _run_row_check(self, step: _Step, args, kwargs) -> RowModel:
         watched = {r.module: r.path for r in self._rule_list() if r.params and r is not self._root}
         tracer = step.tracer
+        traced = {g: self._tracked[g] for g in self._root.params}
+        N = step.seg.N
+        check_tracer = ParamTracer(traced, N) if traced else None
+
+        def verify(r0, grads):
+            return self._verify_trace(check_tracer, traced, r0, grads)
+
         step.active = False
         if tracer is not None:
             tracer.active = False
         try:
-            rm = check_rows(self.model, watched, args, kwargs, step.seg.N, seed=len(self._row_models))
+            return check_rows(self.model, watched, args, kwargs, N, seed=len(self._row_models),
+                              tracer=check_tracer, verify=verify if traced else None)
         except RowCheckError as e:
             raise ValueError(f"SampleGram: {e}") from None
         finally:
             step.active = True
             if tracer is not None:
                 tracer.active = True
+
+    @staticmethod
+    def _verify_trace(tracer: ParamTracer, traced: dict, r0: int, grads: dict) -> str | None:
+        """The tracer's per-row gradients of the check's run, where only row r0 has an output
+        gradient: row r0's must be autograd's whole gradient and every other row's zero, to
+        rounding (1000·eps relative: a wrong split is off by O(1))."""
+        if tracer.problem is not None:
+            return tracer.problem
+        try:
+            rows = traced_row_grads(tracer, traced)
+        except Exception as e:  # noqa: BLE001 - any failure means: do not trust the trace
+            return f"replaying its ops per row failed ({type(e).__name__}: {e})"
+        for g, R in rows.items():
+            p = traced[g]
+            want = grads.get(id(p))
+            want = torch.zeros_like(p) if want is None else want
+            tol = 1000 * torch.finfo(R.dtype).eps * max(float(want.norm()), float(R.norm()), 1e-300)
+            others = torch.cat([R[:r0], R[r0 + 1:]])
+            if float(others.norm()) > tol or float((R[r0] - want).norm()) > tol:
+                return (f"its split of {g!r} into rows is wrong (the row check's row {r0} was not the only "
+                        "one with a gradient)")
+        return None
+
+    def _row_verdicts(self, step: _Step, rm: RowModel) -> bool:
+        """Refuse interacting rows; move shared modules to the tracer. True if any moved."""
+        moved = False
         for (mid, k), cr in rm.calls.items():
             rule = self._rules.get(mid)
             if rule is None or not rule.params:
@@ -219,7 +266,8 @@ class Capture:
             live = [o for o in cr.outs if o.kind != "unknown"]
             if live and all(o.kind == SHARED for o in live):
                 self._share(step, rule)
-        return rm
+                moved = True
+        return moved
 
     def _share(self, step: _Step, rule: Rule) -> None:
         """Parameters of a module whose output is the same for every row (rows.SHARED): their
@@ -338,10 +386,15 @@ class Capture:
                 "SampleGram(mode='stream') needs one forward and one backward per record(): "
                 f"module {rule.path!r} was called again after its backward"
             )
+        new_output = None
+        if len(live) > 1:  # each output's own gradient, not what flows in through the others
+            new_output = alias_leaves(output)
+            leaves = flat(new_output)
         call = Call(saved=saved, grads=[None] * len(leaves), versions=_versions(saved), rows=cr, layouts=layouts)
         step.calls.setdefault(rule, []).append(call)
         for i in live:
             step.handles.append(leaves[i].register_hook(partial(self._on_out_grad, step, rule, call, i)))
+        return new_output
 
     def _on_out_grad(self, step: _Step, rule: Rule, call, i: int, g: torch.Tensor):
         if not step.active:

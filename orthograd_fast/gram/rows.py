@@ -46,7 +46,10 @@ Classification of a module's output (``classify_output``), from D_E first:
 
 Inputs of a module are classified the same way from their gradient under E (if they
 require one) and their change between the runs; an input that changes in no row is
-shared (masks, tables, position ids) and is never sliced per row.
+shared (masks, tables, position ids) and is never sliced per row, unless every row of it
+is equal along the dim where the module's output holds the rows (position ids repeated per
+row): then each row gets its own copy, and the module run on one row must return exactly
+that row's output shape (rules/fallback.py), so a wrong choice cannot pass silently.
 
 Tolerances: values of unaffected rows are recomputed by the same operations on the same
 numbers, so they agree to the last bit on deterministic kernels; a change is counted
@@ -185,6 +188,16 @@ def nonzero(g: torch.Tensor) -> torch.Tensor:
     return ~(g.abs() <= tol)
 
 
+def row_constant(x: torch.Tensor, N: int) -> list[Layout]:
+    """The candidate layouts of x along which every row holds the same values."""
+    out = []
+    for L in candidates(x.shape, N):
+        R = L.rows(x, N)
+        if bool((R == R[:1]).all()):
+            out.append(L)
+    return out
+
+
 def _merge(primary: Verdict | None, secondary: Verdict | None) -> Layout | None:
     """One layout from two verdicts on the same tensor, or None."""
     for v in (primary, secondary):
@@ -255,6 +268,8 @@ class RowModel:
     paths: dict[int, str] = field(default_factory=dict)
     #: N = 1: no check ran; every position of every tensor is row 0 (``WHOLE``)
     single: bool = False
+    #: why the op tracer's split into rows failed the check (check_rows), or None
+    trace_problem: str | None = None
 
     def call(self, module: nn.Module, k: int) -> CallRows | None:
         return self.calls.get((id(module), k))
@@ -273,6 +288,28 @@ def flat(obj) -> list:
         else:
             out.append(x)
     return out
+
+
+def alias_leaves(obj):
+    """``obj`` with every tensor leaf (in ``flat``'s order) replaced by an alias
+    ``t.view_as(t)`` that requires grad: a hook on the alias sees only the gradient that
+    reaches that returned value, not what flows into the tensor through the module's other
+    outputs computed from it (a model returning hidden states it also used for its logits).
+    Mappings (a Hugging Face ``ModelOutput``) are updated in place, sequences rebuilt."""
+    if isinstance(obj, torch.Tensor):
+        return obj.view_as(obj) if obj.requires_grad else obj
+    if isinstance(obj, Mapping):
+        for k in list(obj.keys()):
+            v = obj[k]
+            if v is not None:
+                obj[k] = alias_leaves(v)
+        return obj
+    if isinstance(obj, (tuple, list)):
+        vals = [alias_leaves(v) for v in obj]
+        if isinstance(obj, list):
+            return vals
+        return type(obj)(*vals) if hasattr(obj, "_fields") else type(obj)(vals)
+    return obj
 
 
 def per_row_inputs(args: tuple, kwargs: dict, N: int) -> list[int]:
@@ -357,6 +394,7 @@ class _Recorder:
         self.dX: dict[tuple[int, int], list] = {}
         self.dD: dict[tuple[int, int], list] = {}
         self.dG: dict[tuple[int, int], list] = {}
+        self.const: dict[tuple[int, int], list] = {}
         self.handles: list = []
         self.run = "B"
 
@@ -399,6 +437,12 @@ class _Recorder:
 
         self.dX[key] = compare(ins, before[0] if before else None)
         self.dY[key] = compare(outs, before[1] if before else None)
+        # inputs the perturbation left unchanged: the layouts along which every row is equal
+        # (position ids repeated per row hold the rows in dim 0 although no row differs)
+        self.const[key] = [
+            row_constant(x.detach(), N) if isinstance(x, torch.Tensor) and v is not None and v.kind == EMPTY else []
+            for x, v in zip(ins, self.dX[key])
+        ]
         self.dD[key] = [None] * len(outs)
         self.dG[key] = [None] * len(ins)
         for store, leaves in ((self.dD[key], outs), (self.dG[key], ins)):
@@ -412,11 +456,15 @@ class _Recorder:
             dD = self.dD[key]
             outs = [classify_output(y, d) for y, d in zip(dY, dD)]
             args, problem = [], None
-            for x, gv in zip(self.dX[key], self.dG[key]):
+            L_out = outs[0].layout if outs else None
+            for x, gv, const in zip(self.dX[key], self.dG[key], self.const[key]):
                 if x is not None and x.kind == SPREAD:
                     problem = ("an input changed in other rows when only one row of the model's input "
                                "changed: rows interact before this module")
-                args.append(_merge(gv, x))
+                L = _merge(gv, x)
+                if L is None and L_out is not None and L_out in const:
+                    L = L_out  # equal in every row: sliced where the output holds the rows (each row's own copy)
+                args.append(L)
             out[key] = CallRows(outs, args, problem)
         return out
 
@@ -436,10 +484,16 @@ class RowCheckError(ValueError):
 
 
 def check_rows(model: nn.Module, watched: dict[nn.Module, str], args: tuple, kwargs: dict, N: int,
-               seed: int = 0) -> RowModel:
+               seed: int = 0, tracer=None, verify=None) -> RowModel:
     """Run the row check (module docstring) on one call ``model(*args, **kwargs)`` of N
     rows; ``watched``: {module: path} whose calls are classified. Leaves the model's
     buffers, the global RNG state and every parameter's ``.grad`` as they were.
+
+    tracer, verify: an op tracer (a TorchFunctionMode, rules/traced.py) active during run
+    A's forward, and ``verify(r0, {id(param): gradient under E}) -> problem or None`` called
+    after the backward: under E only row r0 has a gradient, so a tracer that splits rows
+    correctly gives every other row zero — a check of the split itself, which a comparison
+    of sums over rows cannot make. Its answer is ``RowModel.trace_problem``.
 
     Raises RowCheckError when no input has N rows in dim 0, when the rows of the batch
     are all identical in inputs that cannot be perturbed, or when no output has rows.
@@ -495,7 +549,11 @@ def check_rows(model: nn.Module, watched: dict[nn.Module, str], args: tuple, kwa
             for d, s in zip(devices, state[1]):
                 torch.cuda.set_rng_state(s, d)
             rec.start("A")
-            out_a = flat(model(*args, **kwargs))
+            if tracer is not None:
+                with tracer:
+                    out_a = flat(model(*args, **kwargs))
+            else:
+                out_a = flat(model(*args, **kwargs))
             layouts: list[Layout | None] = []
             outs, cots, spread = [], [], []
             for j, (ya, yb) in enumerate(zip(out_a, out_b)):
@@ -528,18 +586,23 @@ def check_rows(model: nn.Module, watched: dict[nn.Module, str], args: tuple, kwa
                     f"no output of the model has the {N} rows in dim 0 depending on its inputs' rows; the "
                     "model must return per-row outputs (e.g. logits) and the loss be computed from them"
                 )
-            if params:
-                torch.autograd.grad(outs, params, cots, allow_unused=True)
+            grads = torch.autograd.grad(outs, params, cots, allow_unused=True) if params else ()
+            trace_problem = None
+            if verify is not None:
+                trace_problem = verify(r0, {id(p): g for p, g in zip(params, grads)})
     finally:
         rec.remove()
         buffers.restore()
-    model_out = RowModel(N=N, r0=r0, outputs=layouts, calls=rec.result())
+        if tracer is not None:
+            tracer.close()
+    model_out = RowModel(N=N, r0=r0, outputs=layouts, calls=rec.result(), trace_problem=trace_problem)
     model_out.paths = {id(m): p for m, p in watched.items()}
     return model_out
 
 
 __all__ = [
     "DIM0", "WHOLE", "Layout", "RowModel", "CallRows", "OutputRows", "RowCheckError", "SHARED",
-    "candidates", "changed", "check_rows", "classify", "flat", "nonzero", "per_row_inputs", "signature",
+    "alias_leaves", "candidates", "changed", "check_rows", "classify", "flat", "nonzero", "per_row_inputs",
+    "signature",
 ]
 
