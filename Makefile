@@ -29,7 +29,7 @@ test: $(BENCH_STAMP)
 # The main job on the embedded digits data: the projection figures on real gradients,
 # then the unlearning comparison (all methods, 3 seeds, retain set of 64, table + plot).
 demo: $(STAMP)
-	$(PY) -m orthograd_fast.demo
+	$(PY) -m orthograd_fast.unlearning.demo
 	$(PY) -m orthograd_fast.cli compare --data digits --forget class:3 --methods all --seeds 3 --retain-size 64
 
 demo-fmnist: $(STAMP) data

@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from orthograd_fast import data
 from orthograd_fast.cli import main
+from orthograd_fast.unlearning import datasets, splits
 
 TINY = ["--train-epochs", "4", "--steps", "8", "--no-progress"]
 
@@ -35,9 +35,9 @@ def test_compare_end_to_end(capsys, tmp_path):
     for r in res["runs"]:
         assert r["metrics"]["forget_acc"] < 1.0 and r["history"][0]["step"] == 0 and "test_acc" in r["history"][-1]
         assert 1 <= r["metrics"]["steps"] <= 8
-    ds = data.load_digits()
+    ds = datasets.load_digits()
     np.testing.assert_array_equal(np.load(out_dir / "forget_idx_seed1.npy"),
-                                  data.make_split(ds, "class:3", seed=1).forget_idx)
+                                  splits.make_split(ds, "class:3", seed=1).forget_idx)
     assert (out_dir / "plot.png").stat().st_size > 10_000
     # cached models are reused on a second run
     code, _, _ = _run(capsys, tmp_path, "compare", "--methods", "neggrad", "--seeds", "1",
@@ -84,7 +84,7 @@ def test_module_entry_point_help():
     assert proc.returncode == 0 and "--retain-size" in proc.stdout and "sweep" in proc.stdout
 
 
-@pytest.mark.skipif(not data.FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist not installed (make data)")
+@pytest.mark.skipif(not datasets.FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist not installed (make data)")
 def test_fashion_mnist_cli(capsys, tmp_path):
     code, out, err = _run(capsys, tmp_path, "unlearn", "--data", "fashion-mnist", "--train-subset", "2000",
                           "--forget", "class:0", "--method", "orthograd", "--out", str(tmp_path / "fm"))

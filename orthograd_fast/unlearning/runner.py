@@ -1,4 +1,4 @@
-"""``unlearn``: the NeurIPS-2023 unlearning-challenge entry point, with stopping rules.
+"""The runner behind ``unlearn``: the NeurIPS-2023 unlearning-challenge entry point, with stopping rules.
 
     unlearn(model, retain_loader, forget_loader, val_loader=None, *, method="orthograd",
             steps=None, epochs=None, lr=None, stop=None, **method_kw) -> model
@@ -8,7 +8,7 @@ keep the original. Its train/eval mode is restored; the caller's global RNG stat
 changed (the run seeds a forked RNG with ``seed``). Loaders yield (inputs, targets)
 batches. A step draws the next forget batch and the next retain batch (both loaders
 cycle, reshuffling as they are built to) and calls the method's stepper
-(``orthograd_fast.methods``). Budget: ``steps``, else ``epochs`` passes over the forget
+(``orthograd_fast.unlearning.methods``). Budget: ``steps``, else ``epochs`` passes over the forget
 loader, else the method's default.
 
 Stopping (``StopRule``), checked every ``eval_every`` steps on the *whole* forget loader
@@ -42,7 +42,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import methods as _methods
-from .models import reinitialize
+from .training import reinitialize
 
 
 @dataclass
@@ -338,7 +338,7 @@ def unlearn(
 ) -> nn.Module:
     """Unlearn ``forget_loader`` from ``model`` in place and return it (module doc).
 
-    method: one of ``orthograd_fast.methods.METHODS``. steps/epochs: budget (epochs =
+    method: one of ``orthograd_fast.unlearning.methods.METHODS``. steps/epochs: budget (epochs =
     passes over the forget loader; retrain: over the retain loader). lr: step size (None:
     the method's default). stop: a :class:`StopRule`, a dict of its fields, a target forget
     accuracy, or None (``StopRule()``). method_kw: the method's options (e.g. ``alpha``,

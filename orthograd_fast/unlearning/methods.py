@@ -19,7 +19,7 @@ loss or the update is NaN/Inf. CE = mean cross-entropy over the batch.
   while step < ``msteps`` (None: always), then a min-step on the retain batch,
   γ·CE + β·KL(teacher ‖ student) (SCRUB's notebook: γ 0.99, β 0.001, T 4).
 * ``retrain``: re-initialise and train on the retain loader (the oracle; run by
-  :func:`orthograd_fast.unlearn.unlearn`, not a stepper).
+  :func:`orthograd_fast.unlearn`, not a stepper).
 
 ``DEFAULTS`` holds the step size, clip and step budget each method ships with; they were
 tuned on digits class forgetting with a 64-sample retain set (the demo).
@@ -33,7 +33,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .orthograd import NonFiniteGradientError, OrthoGrad
+from ..orthograd import NonFiniteGradientError, OrthoGrad
+from .losses import distill_kl
 
 METHODS = (
     "retrain", "orthograd", "orthograd_mean", "neggrad", "neggrad_plus",
@@ -162,13 +163,6 @@ class RandomLabel(Method):
         return {"loss": float(loss.detach()), "grad_norm": norm}
 
 
-def _kl(student_logits, teacher_logits, T: float) -> torch.Tensor:
-    """KL(teacher_T ‖ student_T)·T², batch mean (SCRUB's DistillKL)."""
-    return F.kl_div(
-        F.log_softmax(student_logits / T, 1), F.softmax(teacher_logits / T, 1), reduction="batchmean"
-    ) * T * T
-
-
 class Scrub(Method):
     """SCRUB: max-steps on forget (ascend KL to the teacher), min-steps on retain."""
 
@@ -188,7 +182,7 @@ class Scrub(Method):
             xf = forget_batch[0]
             with torch.no_grad():
                 tf = self.teacher(xf)
-            kl_f = _kl(self.model(xf), tf, self.T)
+            kl_f = distill_kl(self.model(xf), tf, self.T)
             stats["forget_kl"] = float(kl_f.detach())
             self._apply(-kl_f, "SCRUB max-step")
         xr, yr = retain_batch[0], retain_batch[1]
@@ -196,7 +190,7 @@ class Scrub(Method):
             tr = self.teacher(xr)
         out = self.model(xr)
         ce = F.cross_entropy(out, yr)
-        loss = self.gamma * ce + self.beta * _kl(out, tr, self.T)
+        loss = self.gamma * ce + self.beta * distill_kl(out, tr, self.T)
         stats["grad_norm"] = self._apply(loss, "SCRUB min-step")
         stats["retain_loss"] = float(ce.detach())
         self.steps += 1
@@ -270,7 +264,7 @@ def make_method(name: str, model: nn.Module, **kw) -> Method:
     """Instantiate the stepper ``name`` on ``model`` (ValueError on unknown names/options)."""
     check_method(name)
     if name == "retrain":
-        raise ValueError("retrain is not a stepper: call orthograd_fast.unlearn.unlearn(..., method='retrain')")
+        raise ValueError("retrain is not a stepper: call orthograd_fast.unlearn(..., method='retrain')")
     allowed = method_options(name)
     unknown = sorted(set(kw) - set(allowed))
     if unknown:
