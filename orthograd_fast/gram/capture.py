@@ -1,0 +1,331 @@
+"""Capture of one ``record()`` step: the hooks, the recorded calls and output gradients.
+
+Per step (``_Step``): a forward hook on every module that owns tracked parameters (and
+on the root module, for the whole-model fallback) records each call's input
+(``Rule.capture``) and registers a tensor hook on its outputs; in the backward that hook
+receives the gradient of the output (``Call.grads``). After the backward (store mode) or
+as soon as a layer's output gradients are all in (stream mode, ``_stream_process``) the
+rule turns the calls into its Grams; the recorded tensors are then dropped. Recorded
+inputs are checked for in-place changes (``_check_versions``) before they are read.
+Grams are formed without TF32 (``_no_tf32``).
+
+Detached weights (store mode). A Linear/Conv weight whose Gram comes from per-segment
+gradients the engine forms anyway need not also be summed by autograd: a forward
+pre-hook swaps the module's ``weight`` for a detached alias for the duration of its
+forward (restored by a forward hook that runs first, and on any exception), so the
+backward skips that weight-gradient GEMM (1/3 of a Linear layer's step). Which layers:
+
+* ``record_grads=True`` (default, ``.grad`` after ``record()`` is autograd's summed
+  gradient, as after a plain backward): layers with kept tiles, when every row is in a
+  segment; their ``.grad`` is filled from the tiles, Σ_s X_s (S·numel adds instead of an
+  N·T·numel GEMM). Rows with id -1 are not in the tiles, so then nothing is detached.
+* ``record_grads=False`` (``OrthoGrad``: combine always follows): every Linear/Conv
+  weight, its ``.grad`` left for ``combine()`` to write (for a ghost layer combine is then
+  one GEMM over all rows instead of autograd's plus one over the rows off the dominant
+  weight).
+
+A convolution also reads its bias detached (Rule.detach_bias: its CPU backward forms the
+weight gradient whenever the bias needs one). A layer is detached only if its output
+still needs a gradient without the detached parameters (from its input or bias), or if
+its rule anchors the output: a convolution whose inputs need no gradient (a first layer)
+gets a 0-dim zero leaf of the step that requires grad added to its output in place (same
+values), so the rule's hook still sees the output gradient while autograd skips the
+layer's backward. The choice is made at its first call of the step and kept for its
+other calls. A graph built inside ``record()`` does not carry a detached weight's
+gradient after the context (a second backward of it outside ``record()`` skips that
+weight).
+nn.MultiheadAttention's projections are read from the graph and never detached.
+The probe of a detached weight is in safety.py (``_probe_detached``).
+"""
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from .rules import Probe, Rule, Segments
+from .rules.base import Call
+from .rules.traced import ParamTracer
+
+
+class _Step:
+    """Everything one ``record()`` keeps: calls, probes, Grams, fallback segment gradients."""
+
+    def __init__(self, seg: Segments, stream: bool):
+        self.seg = seg
+        self.stream = stream
+        self.active = True
+        self.finished = False
+        self.calls: dict[Rule, list] = {}
+        self.done: set[Rule] = set()
+        self.handles: list = []
+        self.probes: dict[str, Probe] = {}
+        self.grams: dict[str, torch.Tensor] = {}
+        self.seg_grads: dict[str, torch.Tensor] = {}
+        self.tiles: dict[str, torch.Tensor] = {}
+        self.any_grad = False
+        self.tracer: ParamTracer | None = None
+        self.grad_was_none: dict[str, bool] = {}
+        self.totals: dict[str, tuple] = {}
+        self.detach: dict[Rule, tuple[str, ...]] = {}  # per rule: its params read detached this step
+        self.swapped: dict[nn.Module, dict[str, nn.Parameter]] = {}  # modules running with detached params
+        self.anchored: set[nn.Module] = set()  # modules whose output this call gets anchor added
+        self.anchors: dict[tuple, torch.Tensor] = {}  # (dtype, device) -> 0-dim zero leaf
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    return [t for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor)]
+
+
+def _versions(obj) -> tuple:
+    out = []
+    for t in _tensors(obj):
+        try:
+            out.append(t._version)
+        except RuntimeError:  # inference tensors carry no version counter
+            out.append(None)
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """fp32 GEMMs at full precision while Grams are formed (TF32 would cost ~1e-3)."""
+    old = torch.get_float32_matmul_precision()
+    old_cudnn = torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
+        torch.backends.cudnn.allow_tf32 = old_cudnn
+
+
+class Capture:
+    """Mixin of ``SampleGram`` (engine.py): installs the step's hooks, records calls and
+    output gradients, forms the rules' Grams from them and releases them.
+
+    Uses ``self.model``, ``self._tracked``, ``self._opts``, ``self.record_grads`` and the
+    rule table (assign.py); ``_install`` also installs the safety net (safety.py).
+    """
+
+    def _install(self, step: _Step) -> None:
+        detach = not step.stream and (step.seg.all_kept or not self.record_grads)
+        for rule in self._rule_list():
+            rule.skipped, rule.forced = set(), set()
+            if rule.params:
+                if detach and rule.local("weight") is not None and not rule.deferred:
+                    m = rule.module  # swap in a detached weight; the restore hook runs first
+                    pre = partial(self._on_pre_forward, step, rule)
+                    step.handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+                    restore = partial(self._restore_weight, step)  # also when the forward raises
+                    step.handles.append(m.register_forward_hook(restore, prepend=True, always_call=True))
+                h = rule.module.register_forward_hook(partial(self._on_forward, step, rule), with_kwargs=True)
+                step.handles.append(h)
+                rule.notify = partial(self._on_rule_ready, step, rule) if step.stream and rule.deferred else None
+        h = self.model.register_forward_hook(partial(self._on_forward, step, self._root), with_kwargs=True)
+        step.handles.append(h)
+        self._install_safety(step)
+        if self._root.params:
+            step.tracer = ParamTracer({g: self._tracked[g] for g in self._root.params}, step.seg.N)
+            step.tracer.__enter__()
+
+    def _uninstall(self, step: _Step) -> None:
+        for m in list(step.swapped):  # a forward interrupted before its hooks ran
+            self._restore_weight(step, m, ())
+        step.anchored.clear()
+        if step.active and step.tracer is not None:
+            step.tracer.__exit__(None, None, None)
+            step.tracer.close()
+        step.active = False
+        for h in step.handles:
+            h.remove()
+        step.handles.clear()
+        for rule in self._rule_list():
+            rule.notify = None
+
+    def _on_pre_forward(self, step: _Step, rule: Rule, module, args, kwargs):
+        """Store mode: run the layer with its weight detached (Rule.detach_weight: with
+        ``record_grads``, only when its Gram will keep the segment gradients; decided at the
+        layer's first call of the step, then the same for every call). Module docstring,
+        "Detached weights"."""
+        if not step.active:
+            return
+        if rule not in step.detach:
+            need_tiles = self.record_grads
+            names: tuple[str, ...] = ()
+            if rule.detach_weight(args, kwargs, step.seg, self._opts, need_tiles):
+                names = ("weight",)
+                if rule.local("bias") is not None and rule.detach_bias(args, kwargs):
+                    names += ("bias",)
+                rule.skipped.update(rule.local(n) for n in names)
+                if need_tiles:
+                    rule.forced.add(rule.local("weight"))
+            step.detach[rule] = names
+        if step.detach[rule]:
+            swapped = {n: self._tracked[rule.local(n)] for n in step.detach[rule]}
+            step.swapped[module] = swapped
+            for n, p in swapped.items():
+                module._parameters[n] = p.detach()
+            if rule.anchors_output and not any(t.requires_grad for t in _tensors((args, kwargs))):
+                step.anchored.add(module)
+
+    @staticmethod
+    def _restore_weight(step: _Step, module, args, output=None):
+        """Put the module's parameters back; an anchored output (Rule.anchors_output) gets
+        a 0-dim zero leaf of the step that requires grad added in place (no copy of the
+        activation): the same values (-0.0 turns +0.0), now in the graph so its output
+        gradient reaches the rule's hook, while the layer itself stays out of the backward."""
+        for n, p in step.swapped.pop(module, {}).items():
+            module._parameters[n] = p
+        if module in step.anchored:
+            step.anchored.discard(module)
+            if isinstance(output, torch.Tensor) and output.is_floating_point():
+                key = (output.dtype, output.device)
+                if key not in step.anchors:
+                    step.anchors[key] = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+                return output.add_(step.anchors[key])
+        return None
+
+    def _on_forward(self, step: _Step, rule: Rule, module, args, kwargs, output):
+        if not step.active:
+            return
+        rule.check(module)
+        saved = rule.capture(module, args, kwargs, output)
+        step.handles.extend(rule.hooks(saved))
+        if not rule.deferred:
+            n = rule.batch_rows(saved)
+            if n != step.seg.N:
+                raise ValueError(
+                    f"SampleGram: module {rule.path!r} ({type(module).__name__}) got an input with "
+                    f"{'no batch dim' if n < 0 else f'{n} rows in dim 0'}, but segments has "
+                    f"{step.seg.N} entries; segments needs one id per row of dim 0 of the batch, "
+                    "and every layer must see the batch in dim 0 (batch_first=True)"
+                )
+        leaves = tree_flatten(output)[0]
+        live = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not live:
+            return
+        if step.stream and rule in step.done:
+            raise ValueError(
+                "SampleGram(mode='stream') needs one forward and one backward per record(): "
+                f"module {rule.path!r} was called again after its backward"
+            )
+        call = Call(saved=saved, grads=[None] * len(leaves), versions=_versions(saved))
+        step.calls.setdefault(rule, []).append(call)
+        for i in live:
+            step.handles.append(leaves[i].register_hook(partial(self._on_out_grad, step, rule, call, i)))
+
+    def _on_out_grad(self, step: _Step, rule: Rule, call, i: int, g: torch.Tensor):
+        if not step.active:
+            return
+        step.any_grad = True
+        if step.stream and rule in step.done:
+            raise ValueError(
+                "SampleGram(mode='stream') needs one backward per record(); use mode='store' "
+                "to backpropagate several losses"
+            )
+        if call.grads[i] is None:
+            call.grads[i] = g
+        else:
+            if step.stream and not rule.deferred:
+                raise ValueError(
+                    "SampleGram(mode='stream') needs one backward per record(); use mode='store' "
+                    "to backpropagate several losses"
+                )
+            call.grads[i] = call.grads[i] + g
+        if step.stream and not rule.deferred:
+            calls = step.calls[rule]
+            if all(c.grads[0] is not None for c in calls):
+                self._stream_process(step, rule)
+
+    def _stream_process(self, step: _Step, rule: Rule) -> None:
+        """Stream mode: form the rule's Grams now, then empty its calls (the hooks on the
+        graph keep the Call objects until the graph dies, so they must not keep tensors)."""
+        calls = step.calls.pop(rule, [])
+        self._check_versions(rule, calls)
+        with _no_tf32():
+            if rule.deferred:
+                grams, seg_grads = rule.finish(calls, step.seg, self._opts, step.probes)
+                step.seg_grads.update(seg_grads)
+            else:
+                grams = rule.grams(calls, step.seg, self._opts)
+                rule.probe(calls, step.seg, step.probes)
+            step.grams.update(grams)
+        self._drop_calls(rule, calls)
+        step.done.add(rule)
+
+    def _on_rule_ready(self, step: _Step, rule: Rule) -> None:
+        """A deferred rule says all it needs arrived (stream mode): process it now."""
+        if step.active and rule not in step.done and rule.ready(step.calls.get(rule, [])):
+            self._stream_process(step, rule)
+
+    @staticmethod
+    def _check_versions(rule: Rule, calls) -> None:
+        for c in calls:
+            if _versions(c.saved) != c.versions:
+                raise ValueError(
+                    f"SampleGram: the input of module {rule.path!r} ({type(rule.module).__name__}) was "
+                    "modified in place after its forward; SampleGram reads it after the backward"
+                )
+
+    def _form_grams(self, step: _Step, rules: list[Rule]) -> None:
+        """After the backward: every rule's Grams (and probes) from its recorded calls; in
+        stream mode only the rules not yet processed in the backward."""
+        seg = step.seg
+        tiles = None if step.stream else step.tiles
+        for rule in rules:
+            if rule.deferred:
+                continue
+            calls = step.calls.get(rule, [])
+            if step.stream:
+                if rule not in step.done:
+                    self._stream_process(step, rule)
+            else:
+                self._check_versions(rule, calls)
+                step.grams.update(rule.grams(calls, seg, self._opts, tiles))
+                rule.probe(calls, seg, step.probes, tiles)
+                self._probe_detached(step, rule, calls)
+                self._fill_detached_grads(step, rule)
+                self._drop_if_tiled(step, rule)
+        for rule in rules:
+            if rule.deferred and rule not in step.done:
+                calls = step.calls.get(rule, [])
+                self._check_versions(rule, calls)
+                grams, seg_grads = rule.finish(calls, seg, self._opts, step.probes, tiles=tiles)
+                step.grams.update(grams)
+                step.seg_grads.update(seg_grads)
+                if not step.stream:
+                    self._drop_if_tiled(step, rule)
+
+    def _fill_detached_grads(self, step: _Step, rule: Rule) -> None:
+        """Weights the rule's calls read detached: with ``record_grads`` add the layer's part
+        Σ_s g_s (every row is kept) to ``.grad``, where autograd would have put it."""
+        for gname in rule.skipped:
+            X = step.tiles.get(gname)
+            if self.record_grads and X is not None:
+                p = self._tracked[gname]
+                part = (X.new_ones(X.shape[0]) @ X).view(p.shape).to(p.dtype)  # Σ_s X_s as a GEMV
+                if p.grad is None:
+                    p.grad = part
+                else:
+                    p.grad += part
+
+    @staticmethod
+    def _drop_calls(rule: Rule, calls) -> None:
+        """Release a rule's recorded tensors (hooks on a retained graph may keep the Call
+        objects, so the calls are emptied, not just forgotten)."""
+        rule.drop(calls)
+        for c in calls:
+            c.saved = None
+            c.grads = [None] * len(c.grads)
+            c.cache.clear()
+
+    def _drop_if_tiled(self, step: _Step, rule: Rule) -> None:
+        """Store mode: once every parameter of the rule has kept segment gradients (tiles),
+        combine needs nothing else from its calls: free their inputs and output gradients."""
+        if rule in step.calls and all(g in step.tiles for g in rule.params.values()):
+            self._drop_calls(rule, step.calls.pop(rule))
