@@ -61,13 +61,22 @@ def default_configs(dataset_name: str, arch: str = "mlp") -> tuple[ModelConfig, 
 
 
 def reinitialize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Reset every submodule that has ``reset_parameters`` (in place, seeded); returns model."""
+    """Reset every submodule that has ``reset_parameters`` (in place, seeded); returns model.
+    The global RNG is untouched. :func:`uninitializable` lists what this leaves alone."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for m in model.modules():
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
     return model
+
+
+def uninitializable(model: nn.Module) -> list[str]:
+    """Names of trainable parameters that :func:`reinitialize` would not reset: those held
+    (directly) by a module without ``reset_parameters``."""
+    covered = {id(p) for m in model.modules() if hasattr(m, "reset_parameters")
+               for p in m.parameters(recurse=False)}
+    return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
 
 
 def train_model(
