@@ -90,3 +90,23 @@ def test_fashion_mnist_cli(capsys, tmp_path):
                           "--forget", "class:0", "--method", "orthograd", "--out", str(tmp_path / "fm"))
     assert code == 0, err
     assert "fashion-mnist[2000]" in out and (tmp_path / "fm" / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("where", ["file", "under_file", "unwritable"])
+def test_out_that_cannot_be_a_folder_is_one_line_before_any_work(capsys, tmp_path, where):
+    (tmp_path / "taken").write_text("x")
+    out = {"file": tmp_path / "taken", "under_file": tmp_path / "taken" / "run",
+           "unwritable": "/proc/orthograd-fast-test/run"}[where]
+    message = {"file": "a file of that name exists", "under_file": "is a file, so no folder can be made",
+               "unwritable": "cannot create or write the folder"}[where]
+    code, out_text, err = _run(capsys, tmp_path, "unlearn", "--out", str(out))
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "cache").exists()  # no model was trained or loaded
+    assert (tmp_path / "taken").read_text() == "x"
+
+
+def test_failed_run_leaves_no_empty_out_folder(capsys, tmp_path):
+    out = tmp_path / "new" / "run"
+    code, _, err = _run(capsys, tmp_path, "unlearn", "--data", "fashion-mnist", "--data-root", str(tmp_path),
+                        "--out", str(out))
+    assert code == 2 and "make data" in err and not (tmp_path / "new").exists()

@@ -14,9 +14,11 @@ accuracy drop budget (``--max-val-drop``; the val set is only used then). Metric
 ``orthograd_fast.unlearning.metrics``, on the final models. The test accuracy recorded along each run
 (the plot's curves) uses a fixed subset of at most 2000 test samples.
 
-Outputs in ``--out`` (default ``runs/<timestamp>-<config hash>``): results.json (config,
-per-run metrics and curves, the summary), forget_idx_seed<s>.npy, plot.png, and for
-``unlearn`` the unlearned weights (model.pt). The results table is printed last.
+Outputs in ``--out`` (default ``runs/<timestamp>-<config hash>``; the folder is made before
+any work, or refused in one line: an existing file, a path under a file, a place where no
+folder can be made or written): results.json (config, per-run metrics and curves, the
+summary), forget_idx_seed<s>.npy, plot.png, and for ``unlearn`` the unlearned weights
+(model.pt). The results table is printed last.
 Also runnable as ``python -m orthograd_fast.cli`` (a shim for this module).
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ import hashlib
 import json
 import math
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import asdict
@@ -384,19 +387,59 @@ def _summary_rows(refs, runs, seeds, methods, sizes) -> list[tuple[str, int | No
     return out
 
 
+def _make_out(args) -> tuple[Path, list[Path]]:
+    """Create the output folder before any work: (folder, the folders created). A path at
+    an existing file, under a file, or where no folder can be made or written is a one-line
+    ValueError."""
+    out = Path(args.out) if args.out else Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{_config_hash(args)}"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: a file of that name exists; give a folder")
+    missing, p = [], out
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    if not p.is_dir():
+        raise ValueError(f"--out {out}: {p} is a file, so no folder can be made under it")
+    created: list[Path] = []
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+            created.append(d)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        _remove_empty(created)
+        raise ValueError(f"--out {out}: cannot create or write the folder there ({e.strerror or e})") from None
+    return out, created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for d in reversed(folders):
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
 def run_experiment(args) -> dict:
     """Run ``unlearn``/``compare`` as parsed by :func:`build_parser`; returns the results dict."""
     t_start = time.perf_counter()
     opts = _check_options(args)
+    out, created = _make_out(args)
+    try:
+        return _experiment(args, opts, out, t_start)
+    except BaseException:
+        _remove_empty(created)  # a run that failed before writing anything leaves no empty folder
+        raise
+
+
+def _experiment(args, opts, out: Path, t_start: float) -> dict:
     seeds = opts["seeds"]
     ds = _datasets.load_dataset(args.data, root=args.data_root, train_subset=args.train_subset)
     spec = _splits.parse_forget(args.forget)
     mcfg, tcfg = _configs(args, ds)
     splits_by_size = {size: {s: _splits.make_split(ds, spec, retain_size=size, seed=s) for s in seeds}
                       for size in opts["sizes"]}
-    out = Path(args.out) if args.out else Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{_config_hash(args)}"
-    out.mkdir(parents=True, exist_ok=True)
-
     refs = _references(args, ds, spec, splits_by_size[opts["sizes"][0]], seeds, mcfg, tcfg, out)
     runs, last_model = _unlearning_runs(args, opts, ds, spec, splits_by_size, refs)
     sizes = [len(splits_by_size[size][seeds[0]].retain_subset_idx) for size in opts["sizes"]]
@@ -498,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         res = run_experiment(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # FileNotFoundError too: one line, no traceback
         print(f"orthograd-fast: error: {e}", file=sys.stderr)
         return 2
     head = f"{res['dataset']}, forget {res['forget']}, seeds {res['seeds']}, retain size {args.retain_size}"
