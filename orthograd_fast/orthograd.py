@@ -333,13 +333,16 @@ class OrthoGrad:
                 f"non-finite loss (forget {forget_loss}, retain {retain_loss}): the model diverged"
             )
 
+        try:
+            grams = self.engine.gram(per_tensor=self.granularity == "per_tensor")
+        except FloatingPointError as e:  # the engine's own non-finite check (gram.NonFiniteGramError)
+            raise NonFiniteGradientError(str(e)) from e
         if self.granularity == "global":
-            gram = self.engine.gram()
+            gram = grams
             weights, c, rank, Gr, rr, gg = self._weights(gram, nb, B)
             coef_sq = float(c @ c)
             norm_sq = _spectral_sq(gram[:nb, :nb])
         else:  # one stacked (L, S, S) solve for the L tensors
-            grams = self.engine.gram(per_tensor=True)
             G = torch.stack(list(grams.values()))  # [L, S, S]
             self._check_finite(G)
             K, b, gg_l = G[:, :nb, :nb], G[:, :nb, nb], G[:, nb, nb]

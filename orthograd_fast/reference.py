@@ -194,3 +194,37 @@ def authors_orthograd_direction(
     g_u = torch.autograd.grad(loss, [p for _, p in named])
     per_sample = per_sample_grads_vmap(model, loss_fn, retain_inputs, retain_targets)
     return {name: project_qr(gu, per_sample[name]) for (name, _), gu in zip(named, g_u)}
+
+
+def per_sample_grads_rows(
+    model: nn.Module,
+    row_loss: Callable[[object, dict], torch.Tensor],
+    batch: dict,
+    call: Callable[[nn.Module, dict], object] | None = None,
+    params: Sequence[nn.Parameter] | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-sample gradients by N backward passes of batch size 1, for models that take
+    several keyword tensors (Hugging Face style).
+
+    batch: {key: (N, ...)}, every tensor with the N rows in dim 0. Row i is run alone as
+    ``call(model, {k: v[i:i+1]})`` (default ``model(**row)``) and
+    ``row_loss(output, row)`` -> (1,) (or a scalar) is its loss. Returns
+    ({name: (N, *p.shape)} for the trainable (or given) params, the (N,) row losses), so a
+    caller can check that each row alone gives the loss it has in the batch (padding and
+    attention masks must make rows independent for per-sample gradients to exist).
+    """
+    named = _named_trainable(model, params)
+    n = next(iter(batch.values())).shape[0]
+    call = call or (lambda m, row: m(**row))
+    out = {name: torch.zeros((n, *p.shape), dtype=p.dtype, device=p.device) for name, p in named}
+    losses = []
+    tensors = [p for _, p in named]
+    for i in range(n):
+        row = {k: v[i : i + 1] for k, v in batch.items()}
+        loss = row_loss(call(model, row), row).sum()
+        losses.append(loss.detach())
+        grads = torch.autograd.grad(loss, tensors, allow_unused=True)
+        for (name, _), gr in zip(named, grads):
+            if gr is not None:
+                out[name][i] = gr
+    return out, torch.stack(losses)

@@ -46,6 +46,8 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
+from .rows import DIM0, LAYOUT, WHOLE, SHARED, CallRows, OutputRows, RowCheckError, RowModel, check_rows, flat
+from .rows import per_row_inputs, signature
 from .rules import Probe, Rule, Segments
 from .rules.base import Call
 from .rules.traced import ParamTracer
@@ -74,6 +76,10 @@ class _Step:
         self.swapped: dict[nn.Module, dict[str, nn.Parameter]] = {}  # modules running with detached params
         self.anchored: set[nn.Module] = set()  # modules whose output this call gets anchor added
         self.anchors: dict[tuple, torch.Tensor] = {}  # (dtype, device) -> 0-dim zero leaf
+        self.rows: RowModel | None = None  # the row model of the model call in progress (rows.py)
+        self.root_rows: CallRows | None = None  # the same, for the model's own inputs and outputs
+        self.call_k: dict[int, int] = {}  # id(module) -> its calls so far in that model call
+        self.outputs: list = []  # row layouts of the model's output leaves (its last call)
 
 
 def _tensors(obj) -> list[torch.Tensor]:
@@ -128,6 +134,8 @@ class Capture:
                 rule.notify = partial(self._on_rule_ready, step, rule) if step.stream and rule.deferred else None
         h = self.model.register_forward_hook(partial(self._on_forward, step, self._root), with_kwargs=True)
         step.handles.append(h)
+        pre = partial(self._on_model_call, step)  # before every other pre-hook of the model
+        step.handles.append(self.model.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
         self._install_safety(step)
         if self._root.params:
             step.tracer = ParamTracer({g: self._tracked[g] for g in self._root.params}, step.seg.N)
@@ -147,12 +155,122 @@ class Capture:
         for rule in self._rule_list():
             rule.notify = None
 
+    # ------------------------------------------------------------------ the row model
+    def _on_model_call(self, step: _Step, module, args, kwargs):
+        """Before each call of the model inside record(): the row model of this call
+        (rows.py), from the cache by the call's signature, or measured now by the row check
+        (which runs the model itself, with the step's hooks asleep)."""
+        if not step.active:
+            return
+        N = step.seg.N
+        step.call_k = {}
+        for path, m in self._bn:  # the clearest message first (safety.py)
+            self._check_bn(step, path, m, args)
+        for i, x in enumerate(tree_flatten((args, kwargs))[0]):
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                rows = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).nonzero().flatten()[:5].tolist() if x.dim() else []
+                raise ValueError(
+                    f"SampleGram: input {i} of the model {tuple(x.shape)} has NaN/Inf (rows {rows} of dim 0): "
+                    "the data, not the model; per-sample gradients of such rows are not defined"
+                )
+        if N == 1:  # one row: every position of every tensor is row 0
+            step.rows = RowModel(N=1, r0=0, outputs=[], single=True)
+        else:
+            sig = signature(self.model, args, kwargs, N)
+            rm = self._row_models.get(sig)
+            if rm is None:
+                rm = self._row_check(step, args, kwargs)
+                self._row_models[sig] = rm
+            step.rows = rm
+        batched = set(per_row_inputs(args, kwargs, N))
+        n_in = len(tree_flatten((args, kwargs))[0])
+        lay = WHOLE if N == 1 else DIM0
+        step.root_rows = CallRows(outs=[], args=[lay if i in batched else None for i in range(n_in)])
+
+    def _row_check(self, step: _Step, args, kwargs) -> RowModel:
+        """Run the row check with the step's hooks and tracer asleep; act on its verdicts:
+        refuse modules whose rows interact, move the parameters of modules whose output is
+        shared by all rows to the op tracer (rules/traced.py)."""
+        watched = {r.module: r.path for r in self._rule_list() if r.params and r is not self._root}
+        tracer = step.tracer
+        step.active = False
+        if tracer is not None:
+            tracer.active = False
+        try:
+            rm = check_rows(self.model, watched, args, kwargs, step.seg.N, seed=len(self._row_models))
+        except RowCheckError as e:
+            raise ValueError(f"SampleGram: {e}") from None
+        finally:
+            step.active = True
+            if tracer is not None:
+                tracer.active = True
+        for (mid, k), cr in rm.calls.items():
+            rule = self._rules.get(mid)
+            if rule is None or not rule.params:
+                continue
+            what = f"module {rule.path!r} ({type(rule.module).__name__})"
+            problems = [o.problem for o in cr.outs if o.problem] + ([cr.arg_problem] if cr.arg_problem else [])
+            if problems:
+                raise ValueError(
+                    f"SampleGram: {what}: {problems[0]}. Per-sample gradients do not exist where the rows "
+                    "of a batch interact; use eval-mode statistics (model.eval() on norm layers) or "
+                    "a row-wise computation. No Gram is returned."
+                )
+            live = [o for o in cr.outs if o.kind != "unknown"]
+            if live and all(o.kind == SHARED for o in live):
+                self._share(step, rule)
+        return rm
+
+    def _share(self, step: _Step, rule: Rule) -> None:
+        """Parameters of a module whose output is the same for every row (rows.SHARED): their
+        per-row gradients are not at the module's boundary but where the shared output
+        meets the rows; the op tracer follows them there (sticky)."""
+        for local, gname in list(rule.params.items()):
+            del rule.params[local]
+            self._to_root(gname, f"output of {rule.path!r} shared by all rows, e.g. position embeddings of "
+                                 "(1, T) position ids")
+            if step.tracer is None:
+                step.tracer = ParamTracer({}, step.seg.N)
+                step.tracer.__enter__()
+            step.tracer.add({gname: self._tracked[gname]})
+
+    def _call_rows(self, step: _Step, rule: Rule, module, args, kwargs, output) -> CallRows:
+        """The row model's CallRows of this call of ``module`` (its k-th in the model call)."""
+        if rule is self._root:
+            rows = step.root_rows or CallRows(outs=[], args=[])
+            lays = step.rows.outputs if step.rows is not None and not step.rows.single else None
+            n = len(flat(output))
+            outs = [OutputRows(layout=WHOLE if lays is None else lays[i], kind=LAYOUT) for i in range(n)]
+            step.outputs = [o.layout for o in outs]
+            return CallRows(outs=outs, args=rows.args)
+        k = step.call_k.get(id(module), 0)
+        step.call_k[id(module)] = k + 1
+        rm = step.rows
+        if rm is None:
+            raise ValueError(
+                f"SampleGram: module {rule.path!r} ({type(module).__name__}) was called outside a call of "
+                "the model given to SampleGram; call that model inside record() (or build the "
+                "SampleGram on the module you call)"
+            )
+        if rm.single:
+            ins = tree_flatten((args, kwargs))[0]
+            return CallRows(outs=[OutputRows(layout=WHOLE, kind=LAYOUT) for _ in range(max(1, len(flat(output))))],
+                            args=[WHOLE if isinstance(x, torch.Tensor) else None for x in ins])
+        cr = rm.call(module, k)
+        if cr is None:
+            raise ValueError(
+                f"SampleGram: module {rule.path!r} ({type(module).__name__}) was called {k + 1} times in "
+                "this call of the model, more than in the row check of calls with these input shapes "
+                "(control flow that depends on the values of the batch?); its rows are unknown"
+            )
+        return cr
+
     def _on_pre_forward(self, step: _Step, rule: Rule, module, args, kwargs):
         """Store mode: run the layer with its weight detached (Rule.detach_weight: with
         ``record_grads``, only when its Gram will keep the segment gradients; decided at the
         layer's first call of the step, then the same for every call). Module docstring,
         "Detached weights"."""
-        if not step.active:
+        if not step.active or not rule.params:
             return
         if rule not in step.detach:
             need_tiles = self.record_grads
@@ -191,21 +309,27 @@ class Capture:
         return None
 
     def _on_forward(self, step: _Step, rule: Rule, module, args, kwargs, output):
-        if not step.active:
+        if not step.active or not (rule.params or rule is self._root):
             return
         rule.check(module)
+        leaves = flat(output)
+        cr = self._call_rows(step, rule, module, args, kwargs, output)
         saved = rule.capture(module, args, kwargs, output)
         step.handles.extend(rule.hooks(saved))
-        if not rule.deferred:
-            n = rule.batch_rows(saved)
-            if n != step.seg.N:
+        layouts: list = []
+        if rule is not self._root and (not rule.deferred or rule.rows_at == "custom"):
+            lay = cr.outs[0].layout if cr.outs else None
+            out0 = leaves[0] if leaves and isinstance(leaves[0], torch.Tensor) else None
+            problem = rule.layout_problem(lay, out0) if lay is not None and out0 is not None else None
+            if problem is not None:
                 raise ValueError(
-                    f"SampleGram: module {rule.path!r} ({type(module).__name__}) got an input with "
-                    f"{'no batch dim' if n < 0 else f'{n} rows in dim 0'}, but segments has "
-                    f"{step.seg.N} entries; segments needs one id per row of dim 0 of the batch, "
-                    "and every layer must see the batch in dim 0 (batch_first=True)"
+                    f"SampleGram: module {rule.path!r} ({type(module).__name__}): {problem}; "
+                    "its per-row gradients cannot be read there"
                 )
-        leaves = tree_flatten(output)[0]
+            if not rule.deferred:
+                if lay is not None:
+                    saved = rule.to_rows(saved, lay, step.seg.N)
+                layouts = [lay]
         live = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.requires_grad]
         if not live:
             return
@@ -214,7 +338,7 @@ class Capture:
                 "SampleGram(mode='stream') needs one forward and one backward per record(): "
                 f"module {rule.path!r} was called again after its backward"
             )
-        call = Call(saved=saved, grads=[None] * len(leaves), versions=_versions(saved))
+        call = Call(saved=saved, grads=[None] * len(leaves), versions=_versions(saved), rows=cr, layouts=layouts)
         step.calls.setdefault(rule, []).append(call)
         for i in live:
             step.handles.append(leaves[i].register_hook(partial(self._on_out_grad, step, rule, call, i)))
@@ -228,6 +352,17 @@ class Capture:
                 "SampleGram(mode='stream') needs one backward per record(); use mode='store' "
                 "to backpropagate several losses"
             )
+        if i < len(call.layouts):
+            lay = call.layouts[i]
+            if lay is None:
+                if bool((g != 0).any()):
+                    raise ValueError(
+                        f"SampleGram: module {rule.path!r} ({type(rule.module).__name__}) receives a "
+                        "gradient, but the row check saw none reach it from a single row, so its rows "
+                        "are unknown"
+                    )
+            else:
+                g = rule.to_rows(g, lay, step.seg.N)
         if call.grads[i] is None:
             call.grads[i] = g
         else:

@@ -89,6 +89,10 @@ _METHODS = ("auto", "ghost", "explicit")
 _PRECISIONS = ("fast", "high")
 
 
+class NonFiniteGramError(FloatingPointError):
+    """NaN/Inf in a per-sample Gram (``SampleGram.gram``)."""
+
+
 class SampleGram(Assignment, Capture, SafetyNet, Fallbacks):
     """Per-segment gradient Gram engine (module docstring).
 
@@ -138,6 +142,7 @@ class SampleGram(Assignment, Capture, SafetyNet, Fallbacks):
         self._build_rules()
         self._bn = [(p, m) for p, m in model.named_modules() if isinstance(m, _BatchNorm)]
         self._step: _Step | None = None
+        self._row_models: dict = {}  # input signature -> rows.RowModel (capture.py, rows.py)
         self._closed = False
         self._probe_vectors = self._make_probe_vectors()
 
@@ -236,7 +241,10 @@ class SampleGram(Assignment, Capture, SafetyNet, Fallbacks):
         """fp64 Gram of the per-segment gradients: (S, S), or {param name: (S, S)}.
 
         Names are those of ``model.named_parameters()``; the global Gram is the sum of the
-        per-tensor ones (the inner product of concatenated vectors).
+        per-tensor ones (the inner product of concatenated vectors). Raises
+        ``NonFiniteGramError`` (a FloatingPointError) naming the parameters whose Gram has
+        NaN/Inf (the model's activations or gradients overflowed; NaN/Inf in the model's
+        inputs is refused by ``record()`` already).
         """
         step = self._finished_step("gram")
         S = step.seg.S
@@ -245,6 +253,12 @@ class SampleGram(Assignment, Capture, SafetyNet, Fallbacks):
             K = step.grams.get(gname)
             out[gname] = (
                 torch.zeros((S, S), dtype=torch.float64, device=p.device) if K is None else K.clone()
+            )
+        bad = [g for g, K in out.items() if not bool(torch.isfinite(K).all())]
+        if bad:
+            raise NonFiniteGramError(
+                f"SampleGram.gram(): the per-sample Gram of {bad[:5]}{' ...' if len(bad) > 5 else ''} has "
+                "NaN/Inf: the model's activations or gradients overflowed in this step"
             )
         if per_tensor:
             return out

@@ -85,13 +85,22 @@ class AttentionRule(Rule):
     claims_subtree = True
     deferred = True
 
+    rows_at = "custom"
+
     def __init__(self, module, path, params):
         super().__init__(module, path, params)
         m = module
-        self.graph_ok = (
-            m._qkv_same_embed_dim and m.bias_k is None and m.bias_v is None and not m.add_zero_attn and m.batch_first
-        )
+        self.graph_ok = m._qkv_same_embed_dim and m.bias_k is None and m.bias_v is None and not m.add_zero_attn
         self.fallen_back = False
+
+    def layout_problem(self, layout, out):
+        """The rows must be where the module keeps its batch: dim 0 with batch_first, else
+        dim 1 (or a one-row call)."""
+        want = 0 if self.module.batch_first else 1
+        if layout.dim is None or (layout.dim == want and layout.k == 1 and out.dim() == 3):
+            return None
+        return (f"the rows are in {layout.describe()} of its output {tuple(out.shape)}, but with "
+                f"batch_first={self.module.batch_first} nn.MultiheadAttention keeps its batch in dim {want}")
 
     def _sub(self, which: str) -> LinearRule:
         w, b = _PROJ[which]
@@ -114,7 +123,10 @@ class AttentionRule(Rule):
         found = _find_consumers(out, targets, stop)
         if sorted(found) != ["in", "out"] or any(len(v) != 1 for v in found.values()):
             return saved
-        N, L, E = query.shape
+        if module.batch_first:
+            N, L, E = query.shape
+        else:
+            L, N, E = query.shape
         graph = {}
         for which, (node,) in found.items():
             A = _saved_input(node)
@@ -122,9 +134,10 @@ class AttentionRule(Rule):
                 return saved
             graph[which] = _Slot(A.detach())
             saved["handles"].append(node.register_prehook(partial(self._on_grad, graph[which])))
-        if not torch.equal(graph["in"].A.view(L, N, E), query.detach().transpose(0, 1)):
+        q_LN = query.detach().transpose(0, 1) if module.batch_first else query.detach()  # [L, N, E]
+        if not torch.equal(graph["in"].A.view(L, N, E), q_LN):
             return saved
-        if query.is_contiguous():  # the same rows, already in (N, L, E) order: no copy later
+        if module.batch_first and query.is_contiguous():  # the same rows, already (N, L, E): no copy later
             graph["in"].A = query.detach()
         saved["graph"] = graph
         saved["NL"] = (N, L)
@@ -149,9 +162,6 @@ class AttentionRule(Rule):
 
     def hooks(self, saved) -> list:
         return saved["handles"]
-
-    def batch_rows(self, saved) -> int:
-        return -1
 
     def _linear_calls(self, calls: list[Call]) -> dict[str, list[Call]] | None:
         """Per projection, the recorded calls as Linear calls on (N, L, ·) rows, or None when
@@ -183,7 +193,7 @@ class AttentionRule(Rule):
         lin = self._linear_calls(calls)
         self.fallen_back = lin is None
         if lin is None:
-            fb = [Call(saved=c.saved["fallback"], grads=c.grads) for c in calls]
+            fb = [Call(saved=c.saved["fallback"], grads=c.grads, rows=c.rows) for c in calls]
             names = {loc: g for loc, g in self.params.items()}
             return segment_results(per_row_grads(self.module, names, fb, seg.N), seg, opts, probes)
         grams = {}

@@ -343,12 +343,16 @@ class Call:
     grads: gradient of each output leaf (None until the backward reaches it).
     versions: version counters of saved tensors at capture, checked before use.
     cache: per-step values a rule derives once and reuses (Gram, probe, combine).
+    rows: the row model's ``CallRows`` of the call (gram/rows.py); layouts: per output leaf,
+    the rows.Layout its gradient is converted with before the rule reads it (None: as is).
     """
 
     saved: Any
     grads: list = field(default_factory=list)
     versions: tuple = ()
     cache: dict = field(default_factory=dict)
+    rows: Any = None
+    layouts: list = field(default_factory=list)
 
     @property
     def grad(self) -> torch.Tensor | None:
@@ -434,11 +438,44 @@ class Rule:
         """Removable handles the capture registered (removed when record() exits)."""
         return []
 
-    def batch_rows(self, saved) -> int:
-        """Rows of the call (dim 0 of its input), compared with len(segments); -1 for rules
-        that check rows themselves."""
-        x = saved[0] if isinstance(saved, tuple) else saved
-        return x.shape[0] if x.dim() > 0 else -1
+    #: where the module may hold the rows of the batch (gram/rows.py measures where they
+    #: are): "leading" — any dim before the output's ``out_features()`` trailing feature
+    #: dims, the others being positions (Linear, Embedding, LayerNorm, RMSNorm); "dim0" —
+    #: torch's batch dim only (Conv, GroupNorm, BatchNorm); "custom" — the rule reads the
+    #: layouts itself (attention, the torch.func fallback)
+    rows_at: ClassVar[str] = "leading"
+
+    def out_features(self) -> int:
+        """Trailing feature dims of the module's output (rows_at "leading")."""
+        return 1
+
+    def batched(self, t: torch.Tensor) -> bool:
+        """rows_at "dim0": whether t (input or output gradient) has torch's batch dim (an
+        unbatched call, N = 1, gets one)."""
+        return True
+
+    def layout_problem(self, layout, out: torch.Tensor) -> str | None:
+        """Why this rule cannot read rows at ``layout`` (rows.Layout) of its output ``out``,
+        or None."""
+        if layout.dim is None or self.rows_at == "custom":
+            return None
+        if self.rows_at == "dim0":
+            if layout.dim == 0 and layout.k == 1:
+                return None
+            return (f"the rows are in {layout.describe()} of its output {tuple(out.shape)}, but "
+                    f"{type(self.module).__name__} takes the batch in dim 0 only, one row per entry")
+        if layout.dim >= out.dim() - self.out_features():
+            return f"the rows are in a feature dim ({layout.describe()}) of its output {tuple(out.shape)}"
+        return None
+
+    def to_rows(self, t: torch.Tensor, layout, N: int) -> torch.Tensor:
+        """t (the captured input, or an output gradient) as (N, ...) with row n at index n
+        (``layout_problem`` returned None)."""
+        if layout.dim is None:
+            return t if self.rows_at == "dim0" and self.batched(t) else t.unsqueeze(0)
+        if self.rows_at == "dim0":
+            return t
+        return layout.rows(t, N)
 
     def grams(
         self, calls: list[Call], seg: Segments, opts: GramOptions, tiles: dict | None = None

@@ -163,9 +163,10 @@ class ConvRule(matrix.MatrixRule):
         x = args[0] if args else kwargs["input"]
         return x.detach()
 
-    def batch_rows(self, saved) -> int:
-        nd = 1 if isinstance(self.module, nn.Conv1d) else 2
-        return saved.shape[0] if saved.dim() == nd + 2 else -1
+    rows_at = "dim0"
+
+    def batched(self, t) -> bool:
+        return t.dim() == (3 if isinstance(self.module, nn.Conv1d) else 4)
 
     def detach_weight(self, args, kwargs, seg: Segments, opts: GramOptions, need_tiles: bool) -> bool:
         x = args[0] if args else kwargs["input"]

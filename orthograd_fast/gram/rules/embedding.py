@@ -11,6 +11,8 @@ The sums run once over the distinct (segment, token) pairs; Z is then filled in 
 the present vocabulary so that one (S, chunk, E) slab exists at a time. combine sums the
 row-scaled D per present token and writes those rows. ``max_norm`` (renormalises W in place in the
 forward), ``scale_grad_by_freq`` (couples rows through batch counts) and ``sparse`` are refused.
+nn.EmbeddingBag (modes sum and mean, 2-D input or 1-D input with offsets) is the same sum
+over its bags' entries (``EmbeddingBagRule``).
 """
 from __future__ import annotations
 
@@ -30,27 +32,28 @@ from .base import (
 )
 
 
+def _refuse_options(module, path) -> None:
+    bad = []
+    if module.max_norm is not None:
+        bad.append("max_norm (renormalises the weight in place during forward)")
+    if module.scale_grad_by_freq:
+        bad.append("scale_grad_by_freq (couples the rows through batch counts)")
+    if module.sparse:
+        bad.append("sparse=True")
+    if bad:
+        raise ValueError(f"SampleGram: {type(module).__name__} {path!r} uses {', '.join(bad)}, which is not supported")
+
+
 @register_rule(nn.Embedding)
 class EmbeddingRule(Rule):
     kind = "embedding"
 
     def __init__(self, module, path, params):
-        bad = []
-        if module.max_norm is not None:
-            bad.append("max_norm (renormalises the weight in place during forward)")
-        if module.scale_grad_by_freq:
-            bad.append("scale_grad_by_freq (couples the rows through batch counts)")
-        if module.sparse:
-            bad.append("sparse=True")
-        if bad:
-            raise ValueError(f"SampleGram: nn.Embedding {path!r} uses {', '.join(bad)}, which is not supported")
+        _refuse_options(module, path)
         super().__init__(module, path, params)
 
     def capture(self, module, args, kwargs, output):
         return args[0] if args else kwargs["input"]
-
-    def batch_rows(self, saved) -> int:
-        return saved.shape[0] if saved.dim() >= 1 else -1
 
     def _flat(self, calls, seg: Segments | None, kept_only: bool):
         """Valid positions of all calls: vocab ids (F,), row ids (F,), D (F, E)."""
@@ -128,3 +131,78 @@ class EmbeddingRule(Rule):
         dt = compute_dtype(D)
         Dw = (D.to(dt) @ pr.w.to(D.device, dt)).double()
         pr.add(float(pr.u.to(D.device)[v] @ Dw), float(sq_norm(D)), v.numel())
+
+
+@register_rule(nn.EmbeddingBag)
+class EmbeddingBagRule(EmbeddingRule):
+    """nn.EmbeddingBag, modes "sum" and "mean" (``mode="max"`` selects one entry per feature:
+    the torch.func fallback serves it on 2-D input).
+
+    Bag b (output row b) holds entries j with vocabulary ids v_j: a row of a 2-D input, or
+    input[offsets[b]:offsets[b+1]] of a 1-D input. out_b = Σ_j c_j W[v_j], c_j = the
+    per-sample weight (sum) or 1/(entries of b that are not padding_idx) (mean), so
+
+        dW_b = Σ_j c_j e_{v_j} ⊗ D_b        (padding_idx entries excluded)
+
+    i.e. the Embedding rule's flat positions (v_j, row of bag b_j, c_j·D_{b_j}). Which row a
+    bag belongs to is the row model's layout of the output (bags in dim 0, one or k per row).
+    """
+
+    kind = "embedding_bag"
+    rows_at = "custom"
+
+    @classmethod
+    def unsupported(cls, module):
+        return "mode='max' (selects one entry per feature)" if module.mode == "max" else None
+
+    def layout_problem(self, layout, out):
+        if layout.dim is None or layout.dim == 0:
+            return None
+        return f"the rows are in {layout.describe()} of its output {tuple(out.shape)}, not in its bags (dim 0)"
+
+    def to_rows(self, t, layout, N):
+        return t  # bags are mapped to rows in _flat, from the output's layout
+
+    def capture(self, module, args, kwargs, output):
+        names = ("input", "offsets", "per_sample_weights")
+        vals = dict(zip(names, args))
+        vals.update({k: v for k, v in kwargs.items() if k in names})
+        psw = vals.get("per_sample_weights")
+        return vals["input"], vals.get("offsets"), None if psw is None else psw.detach()
+
+    def _flat(self, calls, seg: Segments | None, kept_only: bool):
+        m = self.module
+        vs, rs, ds = [], [], []
+        for c in calls:
+            if c.grad is None:
+                continue
+            inp, offsets, psw = c.saved
+            g = c.grad  # [bags, E]
+            B, dev = g.shape[0], g.device
+            if inp.dim() == 2:
+                v = inp.reshape(-1)
+                bag = torch.arange(B, device=dev).repeat_interleave(inp.shape[1])
+            else:
+                v = inp
+                starts = offsets[:-1] if m.include_last_offset else offsets
+                ends = torch.cat([starts[1:], starts.new_tensor([inp.numel() if not m.include_last_offset
+                                                                  else int(offsets[-1])])])
+                bag = torch.arange(B, device=dev).repeat_interleave(ends - starts)
+                v = v[: bag.numel()]
+            coef = torch.ones(v.shape, dtype=g.dtype, device=dev) if psw is None else psw.reshape(-1)[: v.numel()].to(g.dtype)
+            keep = torch.ones_like(v, dtype=torch.bool) if m.padding_idx is None else v != m.padding_idx
+            if m.mode == "mean":
+                count = torch.zeros(B, dtype=g.dtype, device=dev).index_add_(0, bag[keep], coef.new_ones(int(keep.sum())))
+                coef = coef / count.clamp_min(1)[bag]
+            lay = c.layouts[0] if c.layouts else None  # (None: no gradient reached it, engine-checked)
+            bags = torch.arange(B, device=dev)
+            row_of_bag = torch.zeros_like(bags) if lay is None or lay.dim is None else lay.rows_of(bags, seg.N)
+            r = row_of_bag[bag]
+            if kept_only:
+                keep &= seg.ids_on(dev)[r] >= 0
+            vs.append(v[keep])
+            rs.append(r[keep])
+            ds.append(g[bag[keep]] * coef[keep, None])
+        if not vs:
+            return None
+        return torch.cat(vs), torch.cat(rs), torch.cat(ds)

@@ -13,9 +13,12 @@ forward + backward of M, and an (N, numel) buffer per served parameter. A module
 torch.func cannot vmap (nn.LSTM/GRU, which write into unbatched hidden state) gets the
 same row losses through one autograd pass per row, with a warning.
 
-Which inputs are batched: every tensor argument whose dim 0 equals N (one object passed
-twice, as attention's q = k = v, stays one object per row); everything else (masks of
-another size, flags) is passed unchanged. Randomness inside M (dropout in train mode)
+Which inputs are per row, and where their rows are: the row model of the call
+(gram/rows.py, ``Call.rows``) — never the sizes. Per-row inputs are vmapped over their row
+dim (one object passed twice, as attention's q = k = v, stays one object per row);
+everything else (masks, tables, flags, a shared (L, L) attention mask even when L = N) is
+passed whole; output gradients are read at their measured rows, and each row's output
+must have exactly the shape of its gradient (no silent broadcast). Randomness inside M (dropout in train mode)
 cannot be replayed per row and is refused with a clear error.
 """
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..rows import flat
 from .base import (
     Call,
     GramOptions,
@@ -54,39 +58,54 @@ def per_row_grads(module: nn.Module, names: dict[str, str], calls: list[Call], N
             continue
         args, kwargs = call.saved
         leaves, spec = tree_flatten((args, kwargs))
-        batched: list[torch.Tensor] = []
+        lays = list(call.rows.args) if call.rows is not None and call.rows.args is not None else []
+        extra = leaves[len(lays):]  # flags a rule appended (attention's need_weights=True)
+        if len(lays) > len(leaves) or any(isinstance(x, torch.Tensor) for x in extra):
+            raise ValueError(f"SampleGram fallback: the rows of the inputs of {type(module).__name__} are unknown")
+        lays += [None] * len(extra)
+        batched: list[torch.Tensor] = []  # per-row inputs, rows in dim 0 (rows.Layout.rows)
         where: dict[int, int] = {}
         slots = []
-        for leaf in leaves:
-            if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] == N:
-                if id(leaf) not in where:
+        for leaf, lay in zip(leaves, lays):
+            if isinstance(leaf, torch.Tensor) and lay is not None:
+                if id(leaf) not in where:  # one object passed twice (q = k = v) stays one per row
                     where[id(leaf)] = len(batched)
-                    batched.append(leaf.detach())
-                slots.append((True, where[id(leaf)]))
-            else:
-                slots.append((False, leaf.detach() if isinstance(leaf, torch.Tensor) else leaf))
+                    batched.append(lay.rows(leaf.detach(), N))
+                slots.append((lay, where[id(leaf)]))
+            else:  # shared by all rows (masks, tables, flags): passed whole
+                slots.append((None, leaf.detach() if isinstance(leaf, torch.Tensor) else leaf))
+        out_lays, cot_vals = [], []
+        for i, g in cots:
+            lay = call.rows.outs[i].layout if i < len(call.rows.outs) else None
+            if lay is None:
+                raise ValueError(
+                    f"SampleGram fallback: output {i} of module {type(module).__name__} ({tuple(g.shape)}) "
+                    "receives a gradient but holds no rows the row check could find"
+                )
+            out_lays.append(lay)
+            cot_vals.append(lay.rows(g, N))
         if not batched:
             raise ValueError(
-                f"SampleGram fallback: no input of module {type(module).__name__} has the batch "
-                f"({N} rows) in dim 0, so its per-row gradients cannot be formed (attention and "
-                "transformer layers need batch_first=True)"
+                f"SampleGram fallback: no input of module {type(module).__name__} holds the rows of the "
+                "batch, so its per-row gradients cannot be formed"
             )
-        for i, g in cots:
-            if g.dim() == 0 or g.shape[0] != N:
-                raise ValueError(
-                    f"SampleGram fallback: output {i} of module {type(module).__name__} has shape "
-                    f"{tuple(g.shape)}, not the batch ({N} rows) in dim 0"
-                )
         out_idx = [i for i, _ in cots]
-        cot_vals = [g for _, g in cots]
+        name = type(module).__name__
 
-        def row_loss(th, rows_in, rows_cot, slots=slots, spec=spec, out_idx=out_idx):
-            vals = [rows_in[v].unsqueeze(0) if is_b else v for is_b, v in slots]
+        def row_loss(th, rows_in, rows_cot, slots=slots, spec=spec, out_idx=out_idx, out_lays=out_lays):
+            vals = [lay.unrow(rows_in[v]) if lay is not None else v for lay, v in slots]
             a, kw = tree_unflatten(vals, spec)
-            y = tree_flatten(functional_call(module, {**fixed, **th}, tuple(a), kw))[0]
+            y = flat(functional_call(module, {**fixed, **th}, tuple(a), kw))
             total = None
-            for i, c in zip(out_idx, rows_cot):
-                term = (y[i] * c.unsqueeze(0).to(y[i].dtype)).sum()
+            for i, lay, c in zip(out_idx, out_lays, rows_cot):
+                c = lay.unrow(c)
+                if y[i].shape != c.shape:
+                    raise ValueError(
+                        f"SampleGram fallback: run on one row, output {i} of {name} has shape "
+                        f"{tuple(y[i].shape)}, not that row's {tuple(c.shape)} (an input taken as shared "
+                        "by all rows is per row?)"
+                    )
+                term = (y[i] * c.to(y[i].dtype)).sum()
                 total = term if total is None else total + term
             return total
 

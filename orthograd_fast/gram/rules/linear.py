@@ -78,9 +78,6 @@ class LinearRule(matrix.MatrixRule):
         x = args[0] if args else kwargs["input"]
         return x.detach()
 
-    def batch_rows(self, saved) -> int:
-        return saved.shape[0] if saved.dim() >= 2 else -1
-
     def detach_weight(self, args, kwargs, seg: Segments, opts: GramOptions, need_tiles: bool) -> bool:
         x = args[0] if args else kwargs["input"]
         m = self.module
@@ -89,7 +86,7 @@ class LinearRule(matrix.MatrixRule):
             return False
         if not need_tiles:
             return True
-        N, d, p = x.shape[0], m.in_features, m.out_features
+        N, d, p = seg.N, m.in_features, m.out_features
         T = x.numel() // max(1, N * d)
         return matrix.keeps_tiles(N, T, 1, d, p, seg.S, x.numel() + N * T * p, opts)
 

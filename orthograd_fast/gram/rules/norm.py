@@ -50,8 +50,6 @@ class _NormRule(Rule):
         x = args[0] if args else kwargs["input"]
         return x.detach()
 
-    def batch_rows(self, saved) -> int:
-        return saved.shape[0] if saved.dim() >= 2 else -1
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """x̂, the normalised input without the affine parameters: a new tensor (the rule
@@ -130,6 +128,9 @@ class _NormRule(Rule):
 class LayerNormRule(_NormRule):
     kind = "layer_norm"
 
+    def out_features(self):
+        return len(self.module.normalized_shape)
+
     def normalise(self, x):
         return F.layer_norm(x, self.module.normalized_shape, None, None, self.module.eps)
 
@@ -141,6 +142,9 @@ class LayerNormRule(_NormRule):
 class RMSNormRule(_NormRule):
     kind = "rms_norm"
 
+    def out_features(self):
+        return len(self.module.normalized_shape)
+
     def normalise(self, x):
         return F.rms_norm(x, self.module.normalized_shape, None, self.module.eps)
 
@@ -151,6 +155,7 @@ class RMSNormRule(_NormRule):
 @register_rule(nn.GroupNorm)
 class GroupNormRule(_NormRule):
     kind = "group_norm"
+    rows_at = "dim0"
 
     def normalise(self, x):
         return F.group_norm(x, self.module.num_groups, None, None, self.module.eps)
@@ -162,6 +167,7 @@ class GroupNormRule(_NormRule):
 @register_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 class BatchNormRule(_NormRule):
     kind = "batch_norm"
+    rows_at = "dim0"
 
     def check(self, module):
         problem = batchnorm_problem(module)

@@ -96,6 +96,13 @@ class ParamTracer(TorchFunctionMode):
         self.problem: str | None = None
         self.active = True
 
+    def add(self, params: dict[str, torch.Tensor]) -> None:
+        """Follow more parameters from now on (before the forward that uses them)."""
+        for g, p in params.items():
+            self.params.add(g)
+            self.nodes[id(p)] = _Node(gname=g)
+            self.keep.append(p)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)

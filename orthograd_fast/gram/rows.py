@@ -1,0 +1,545 @@
+"""The row model: which slice of every tensor the engine records belongs to which row.
+
+A per-sample Gram is exact only if every position of a layer's input A and output
+gradient D is assigned to the row (sample) it came from. Guessing "the batch is dim 0",
+or "the dim whose size is N", is silently wrong whenever sizes coincide (a time-major
+(T, N, d) activation with T == N) and refuses common models (Hugging Face position
+embeddings receive (1, T) ids shared by all rows). So the engine does not guess: on the
+first ``record()`` step (and again whenever the call's signature changes: shapes, dtypes,
+module modes) it *measures* the layout of every tensor it will read, with one extra
+forward pair and one backward of the model, before the real forward runs.
+
+The check. Rows of the batch are dim 0 of the model's inputs and outputs (the one
+contract: every tensor argument of the model with N = len(segments) entries in dim 0 is
+per row). Pick a row r0 and another row r1:
+
+* run B: forward with row r0 of every per-row input replaced by row r1's values;
+* run A: forward with the real inputs, then a backward of a cotangent E that is random on
+  row r0's slice of every per-row output and zero elsewhere.
+
+Both runs start from the same RNG state (so dropout draws the same masks) and the same
+buffers (restored after each run, so running statistics, RNG and buffers end exactly as
+one plain forward leaves them). With independent rows:
+
+* ΔY (a module's output, run A against run B) is zero outside row r0's slice, and
+* D_E (the gradient at the module's output under E) is zero outside row r0's slice
+  (exactly: every other row's cotangent is 0, and 0 times anything is 0).
+
+For a tensor of shape s, the candidate layouts are: any dim b with s[b] = N·k, the rows
+one index each (k = 1) or k consecutive (``outer``, index n·k + j) or interleaved
+(``inner``, index j·N + n) entries each (a batch folded with another dim). A layout is
+*consistent* with a change mask if every changed position lies in row r0's slice of it.
+A random full-row perturbation changes a whole row slice, so one candidate remains: a
+(T, N, d) tensor with T == N changes at [:, r0, :], which the dim-0 layout cannot hold.
+
+Classification of a module's output (``classify_output``), from D_E first:
+* D_E within one layout L (and ΔY empty or within L): the rows are L;
+* D_E spread over several rows while ΔY is empty: the output does not depend on the
+  rows but every row's gradient reaches it (position embeddings of shared (1, T) ids, a
+  constant table): SHARED — its parameters' per-row gradients do not exist at this
+  module's boundary (the engine follows them op by op instead, rules/traced.py);
+* D_E spread while ΔY is localised: rows interact after the module (BatchNorm in train
+  mode, a batch statistic, attention across the batch): refused;
+* ΔY spread: rows interact before or inside the module: refused;
+* D_E zero (row r0 sends no gradient there: a ReLU closed for it): the rows are where ΔY
+  puts them, else unknown (the engine refuses if a gradient arrives there later).
+
+Inputs of a module are classified the same way from their gradient under E (if they
+require one) and their change between the runs; an input that changes in no row is
+shared (masks, tables, position ids) and is never sliced per row.
+
+Tolerances: values of unaffected rows are recomputed by the same operations on the same
+numbers, so they agree to the last bit on deterministic kernels; a change is counted
+above 2·eps·max|x| (so non-deterministic reductions do not read as coupling). Gradients
+of other rows are exact zeros, counted above eps·max|g|/1024.
+
+Cost: two forwards and one backward of the model, once per signature (cached), before
+the first real forward of that signature; run B's module inputs and outputs are copied
+(a later in-place op must not change them) and compared as run A goes, so the peak memory
+is about that of two plain forwards.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+#: classification of one tensor
+EMPTY, LAYOUT, AMBIGUOUS, SPREAD = "empty", "layout", "ambiguous", "spread"
+#: an output that does not depend on the rows while every row's gradient reaches it
+SHARED = "shared"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the N rows of a batch sit in one tensor.
+
+    dim: the dim holding them; k: entries per row along it (dim has N·k entries, row n
+    owning index n·k + j, or j·N + n when ``inner``). ``dim=None``: the whole tensor is
+    row 0 (N = 1, or an unbatched call).
+    """
+
+    dim: int | None
+    k: int = 1
+    inner: bool = False
+
+    def rows_of(self, index: torch.Tensor, N: int) -> torch.Tensor:
+        """Row of each index along ``dim``."""
+        if self.dim is None:
+            return torch.zeros_like(index)
+        return index % N if self.inner else index // self.k
+
+    def rows(self, t: torch.Tensor, N: int) -> torch.Tensor:
+        """t as a view (N, ...) with row n at index n: the row dim moved to the front; with
+        k > 1 the row's k entries take the place of the old dim; other dims keep order."""
+        if self.dim is None:
+            return t.unsqueeze(0)
+        if self.k == 1:
+            return t.movedim(self.dim, 0)
+        if self.inner:
+            return t.unflatten(self.dim, (self.k, N)).movedim(self.dim + 1, 0)
+        return t.unflatten(self.dim, (N, self.k)).movedim(self.dim, 0)
+
+    def unrow(self, r: torch.Tensor) -> torch.Tensor:
+        """Inverse for one row: a slice ``rows(t)[n]`` back to the native layout of a
+        one-row tensor (the row dim of size k at ``dim``)."""
+        if self.dim is None or self.k > 1:
+            return r
+        return r.unsqueeze(self.dim)
+
+    def describe(self) -> str:
+        if self.dim is None:
+            return "the whole tensor (one row)"
+        if self.k == 1:
+            return f"dim {self.dim}"
+        return f"dim {self.dim} ({'interleaved' if self.inner else 'consecutive'} groups of {self.k})"
+
+
+#: the layout of a one-row tensor (N = 1)
+WHOLE = Layout(None)
+#: rows in dim 0, one index each (the contract for the model's own inputs and outputs)
+DIM0 = Layout(0)
+
+
+def candidates(shape, N: int) -> list[Layout]:
+    """Every layout a tensor of ``shape`` could hold N rows in."""
+    out = []
+    for b, size in enumerate(shape):
+        if size == 0 or size % N:
+            continue
+        k = size // N
+        out.append(Layout(b, k, False))
+        if k > 1:
+            out.append(Layout(b, k, True))
+    return out
+
+
+@dataclass
+class Verdict:
+    """What one change mask says: EMPTY, LAYOUT (one consistent layout), AMBIGUOUS
+    (several), SPREAD (none: the change reaches other rows)."""
+
+    kind: str
+    layouts: list[Layout] = field(default_factory=list)
+
+
+def classify(mask: torch.Tensor, N: int, r0: int) -> Verdict:
+    """The layouts whose row r0 slice holds every True of ``mask`` (module docstring)."""
+    if not bool(mask.any()):
+        return Verdict(EMPTY)
+    ok = []
+    for L in candidates(mask.shape, N):
+        size = mask.shape[L.dim]
+        touched = mask.movedim(L.dim, 0).reshape(size, -1).any(1).nonzero().flatten()
+        if bool((L.rows_of(touched, N) == r0).all()):
+            ok.append(L)
+    if not ok:
+        return Verdict(SPREAD)
+    return Verdict(LAYOUT if len(ok) == 1 else AMBIGUOUS, ok)
+
+
+def changed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """Positions where a and b differ beyond rounding (module docstring), or None when
+    they cannot be compared (different shapes or dtypes)."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
+        return None
+    if not (a.is_floating_point() or a.is_complex()):
+        return a != b
+    same = (a == b) | (torch.isnan(a) & torch.isnan(b))
+    fa, fb = a[torch.isfinite(a)], b[torch.isfinite(b)]
+    scale = max(float(fa.abs().max()) if fa.numel() else 0.0, float(fb.abs().max()) if fb.numel() else 0.0)
+    tol = 2 * torch.finfo(a.dtype).eps * scale
+    with torch.no_grad():
+        diff = (a - b).abs()
+    return ~same & ~(diff <= tol)
+
+
+def nonzero(g: torch.Tensor) -> torch.Tensor:
+    """Positions of a gradient above eps·max|g|/1024 (NaN counts)."""
+    finite = g[torch.isfinite(g)]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    tol = torch.finfo(g.dtype).eps * scale / 1024
+    return ~(g.abs() <= tol)
+
+
+def _merge(primary: Verdict | None, secondary: Verdict | None) -> Layout | None:
+    """One layout from two verdicts on the same tensor, or None."""
+    for v in (primary, secondary):
+        if v is not None and v.kind == LAYOUT:
+            return v.layouts[0]
+    if primary is not None and secondary is not None and primary.kind == AMBIGUOUS and secondary.kind == AMBIGUOUS:
+        common = [L for L in primary.layouts if L in secondary.layouts]
+        if len(common) == 1:
+            return common[0]
+    return None
+
+
+@dataclass
+class OutputRows:
+    """The rows of one output leaf of a module call: ``layout`` (a Layout), or ``kind``
+    SHARED / "unknown"; ``problem``: why per-row gradients do not exist there."""
+
+    layout: Layout | None = None
+    kind: str = "unknown"
+    problem: str | None = None
+
+
+def classify_output(dY: Verdict | None, dD: Verdict | None) -> OutputRows:
+    """Rows of a module output from its value change ΔY and its gradient under E (module
+    docstring, "Classification")."""
+    if dY is not None and dY.kind == SPREAD:
+        return OutputRows(problem="its value changed in other rows when only one row's input changed: rows "
+                                  "interact before or inside this module")
+    if dD is None or dD.kind == EMPTY:  # row r0 sends no gradient here (a ReLU closed for it...)
+        L = _merge(dY, None)
+        return OutputRows() if L is None else OutputRows(layout=L, kind=LAYOUT)
+    if dD.kind == SPREAD:
+        if dY is not None and dY.kind == EMPTY:
+            return OutputRows(kind=SHARED)
+        return OutputRows(problem="the gradient at its output changed in other rows when only one row's "
+                                  "output gradient changed: rows interact after this module (BatchNorm in "
+                                  "train mode, a batch statistic, attention across the batch)")
+    L = _merge(dD, dY)
+    if L is None:
+        return OutputRows(problem=f"its rows cannot be told apart (layouts {[x.describe() for x in dD.layouts]} "
+                                  "all fit the check)")
+    if dY is not None and dY.kind in (LAYOUT, AMBIGUOUS) and L not in dY.layouts:
+        return OutputRows(problem=f"its value and its gradient put the rows in different places "
+                                  f"({dY.layouts[0].describe()} against {L.describe()})")
+    return OutputRows(layout=L, kind=LAYOUT)
+
+
+@dataclass
+class CallRows:
+    """Rows of one module call: ``outs`` per output leaf, ``args`` per tensor leaf of the
+    flattened (args, kwargs) (None: not a tensor, or no rows — shared by all rows), and
+    ``arg_problem`` when an input mixes rows."""
+
+    outs: list[OutputRows]
+    args: list[Layout | None]
+    arg_problem: str | None = None
+
+
+@dataclass
+class RowModel:
+    """The result of one check: root output layouts, and the rows of each watched
+    module's k-th call within one call of the model, keyed (id(module), k)."""
+
+    N: int
+    r0: int
+    outputs: list[Layout | None]
+    calls: dict[tuple[int, int], CallRows] = field(default_factory=dict)
+    paths: dict[int, str] = field(default_factory=dict)
+    #: N = 1: no check ran; every position of every tensor is row 0 (``WHOLE``)
+    single: bool = False
+
+    def call(self, module: nn.Module, k: int) -> CallRows | None:
+        return self.calls.get((id(module), k))
+
+
+def flat(obj) -> list:
+    """Leaves of a nested output or argument structure; mappings (Hugging Face
+    ``ModelOutput`` and other dict subclasses) are opened by value."""
+    leaves = tree_flatten(obj)[0]
+    out = []
+    for x in leaves:
+        if isinstance(x, Mapping) and not isinstance(x, torch.Tensor):
+            out.extend(flat(list(x.values())))
+        elif isinstance(x, (tuple, list)):
+            out.extend(flat(list(x)))
+        else:
+            out.append(x)
+    return out
+
+
+def per_row_inputs(args: tuple, kwargs: dict, N: int) -> list[int]:
+    """Indices (in ``tree_flatten((args, kwargs))``'s leaves) of the model inputs that are
+    per row: tensors with N entries in dim 0 (the contract)."""
+    leaves = tree_flatten((args, kwargs))[0]
+    return [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == N]
+
+
+def signature(model: nn.Module, args: tuple, kwargs: dict, N: int) -> tuple:
+    """What a check's result depends on: the inputs' structure, shapes, dtypes, devices,
+    plain values, every module's training flag and the grad mode."""
+    leaves, spec = tree_flatten((args, kwargs))
+    parts = []
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            parts.append(("T", tuple(x.shape), x.dtype, x.device, x.requires_grad))
+        else:
+            try:
+                hash(x)
+                parts.append(("V", x))
+            except TypeError:
+                parts.append(("O", type(x).__name__))
+    modes = tuple(m.training for m in model.modules())
+    return (N, str(spec), tuple(parts), modes, torch.is_grad_enabled())
+
+
+class _BufferState:
+    """Every buffer of a model, restorable in place (the check's runs must leave them as
+    they found them)."""
+
+    def __init__(self, model: nn.Module):
+        self.saved = []
+        for m in model.modules():
+            for name, b in m._buffers.items():
+                if b is not None:
+                    self.saved.append((m, name, b, b.detach().clone()))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for m, name, b, copy in self.saved:
+                m._buffers[name] = b
+                if not torch.equal(b, copy):  # untouched buffers keep their version (autograd saves some)
+                    b.copy_(copy)
+
+
+def _pick_rows(leaves: list, batched: list[int], N: int, gen: torch.Generator) -> tuple[int, int] | None:
+    """(r0, r1): a row and another row that differs from it in some per-row input."""
+    order = torch.randperm(N, generator=gen).tolist()
+    r0 = order[0]
+    for r1 in order[1:]:
+        if any(not torch.equal(leaves[i][r0], leaves[i][r1]) for i in batched):
+            return r0, r1
+    return None
+
+
+def _perturb(leaves: list, batched: list[int], r0: int, r1: int | None, gen: torch.Generator) -> list:
+    """The inputs of run B: row r0 of every per-row input replaced by row r1's values; with
+    no differing row (all rows equal), floating inputs of row r0 get a small noise."""
+    out = list(leaves)
+    for i in batched:
+        x = leaves[i].detach().clone()
+        if r1 is not None:
+            x[r0] = leaves[i][r1]
+        elif x.is_floating_point():
+            noise = torch.randn(x[r0].shape, generator=gen, dtype=torch.float64).to(x.device, x.dtype)
+            x[r0] = x[r0] + noise * (0.01 * (float(x.double().std()) if x.numel() > 1 else 1.0) + 0.01)
+        out[i] = x
+    return out
+
+
+class _Recorder:
+    """Forward hooks on the watched modules for one check run: per call, in run B the
+    detached input and output leaves; in run A the comparison with run B (as it goes) and
+    hooks on outputs and inputs that need a gradient, to classify their gradient under E."""
+
+    def __init__(self, watched: dict[nn.Module, str], N: int, r0: int):
+        self.watched, self.N, self.r0 = watched, N, r0
+        self.counts: dict[int, int] = {}
+        self.values: dict[tuple[int, int], tuple[list, list]] = {}  # run B
+        self.dY: dict[tuple[int, int], list] = {}
+        self.dX: dict[tuple[int, int], list] = {}
+        self.dD: dict[tuple[int, int], list] = {}
+        self.dG: dict[tuple[int, int], list] = {}
+        self.handles: list = []
+        self.run = "B"
+
+    def install(self) -> None:
+        for m in self.watched:
+            self.handles.append(m.register_forward_hook(self._on_forward, with_kwargs=True))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+    def start(self, run: str) -> None:
+        self.run = run
+        self.counts = {}
+
+    def _on_forward(self, module, args, kwargs, output):
+        key = (id(module), self.counts.get(id(module), 0))
+        self.counts[id(module)] = key[1] + 1
+        ins = tree_flatten((args, kwargs))[0]
+        outs = flat(output)
+        if self.run == "B":
+            # copies: a later in-place op (ReLU(inplace=True)) must not change what is compared
+            self.values[key] = (
+                [x.detach().clone() if isinstance(x, torch.Tensor) else None for x in ins],
+                [y.detach().clone() if isinstance(y, torch.Tensor) else None for y in outs],
+            )
+            return
+        before = self.values.pop(key, None)
+        N, r0 = self.N, self.r0
+
+        def compare(now, then):
+            if then is None or len(now) != len(then):
+                return [None] * len(now)
+            out = []
+            for x, y in zip(now, then):
+                m = changed(x.detach(), y) if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else None
+                out.append(None if m is None else classify(m, N, r0))
+            return out
+
+        self.dX[key] = compare(ins, before[0] if before else None)
+        self.dY[key] = compare(outs, before[1] if before else None)
+        self.dD[key] = [None] * len(outs)
+        self.dG[key] = [None] * len(ins)
+        for store, leaves in ((self.dD[key], outs), (self.dG[key], ins)):
+            for i, t in enumerate(leaves):
+                if isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point():
+                    self.handles.append(t.register_hook(_GradHook(store, i, N, r0)))
+
+    def result(self) -> dict[tuple[int, int], CallRows]:
+        out = {}
+        for key, dY in self.dY.items():
+            dD = self.dD[key]
+            outs = [classify_output(y, d) for y, d in zip(dY, dD)]
+            args, problem = [], None
+            for x, gv in zip(self.dX[key], self.dG[key]):
+                if x is not None and x.kind == SPREAD:
+                    problem = ("an input changed in other rows when only one row of the model's input "
+                               "changed: rows interact before this module")
+                args.append(_merge(gv, x))
+            out[key] = CallRows(outs, args, problem)
+        return out
+
+
+class _GradHook:
+    """Tensor hook: classify the gradient under E of one leaf (no reference to the tensor)."""
+
+    def __init__(self, store: list, i: int, N: int, r0: int):
+        self.store, self.i, self.N, self.r0 = store, i, N, r0
+
+    def __call__(self, g):
+        self.store[self.i] = classify(nonzero(g.detach()), self.N, self.r0)
+
+
+class RowCheckError(ValueError):
+    """The row check cannot tell the rows of the batch apart (module docstring)."""
+
+
+def check_rows(model: nn.Module, watched: dict[nn.Module, str], args: tuple, kwargs: dict, N: int,
+               seed: int = 0) -> RowModel:
+    """Run the row check (module docstring) on one call ``model(*args, **kwargs)`` of N
+    rows; ``watched``: {module: path} whose calls are classified. Leaves the model's
+    buffers, the global RNG state and every parameter's ``.grad`` as they were.
+
+    Raises RowCheckError when no input has N rows in dim 0, when the rows of the batch
+    are all identical in inputs that cannot be perturbed, or when no output has rows.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    leaves, spec = tree_flatten((args, kwargs))
+    batched = per_row_inputs(args, kwargs, N)
+    if not batched:
+        sizes = sorted({x.shape[0] for x in leaves if isinstance(x, torch.Tensor) and x.dim() > 0})
+        have = f"the model's inputs have {' or '.join(map(str, sizes))} rows in dim 0" if sizes else "no input tensor"
+        raise RowCheckError(
+            f"{have}, but segments has {N} entries; segments needs one id per row of dim 0 of the model's "
+            "inputs (a module that takes its batch in another dim, e.g. nn.MultiheadAttention or nn.LSTM "
+            "with batch_first=False, is served inside a model whose inputs have the rows in dim 0)"
+        )
+    picked = _pick_rows(leaves, batched, N, gen)
+    if picked is None:
+        if not any(leaves[i].is_floating_point() for i in batched):
+            raise RowCheckError(
+                "every row of the batch has the same inputs, so the row check cannot tell them apart; "
+                "record a batch with at least two different rows"
+            )
+        r0, r1 = int(torch.randint(0, N, (1,), generator=gen)), None
+    else:
+        r0, r1 = picked
+    perturbed = _perturb(leaves, batched, r0, r1, gen)
+    params = [p for p in model.parameters() if p.requires_grad]
+    devices = sorted({x.device.index or 0 for x in leaves if isinstance(x, torch.Tensor) and x.is_cuda})
+    buffers = _BufferState(model)
+    rec = _Recorder(watched, N, r0)
+    rec.install()
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            state = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
+            rec.start("B")
+            a, kw = tree_unflatten(perturbed, spec)
+            try:
+                out_b = [y.detach() if isinstance(y, torch.Tensor) else y for y in flat(model(*a, **kw))]
+            except Exception as e:
+                buffers.restore()
+                torch.set_rng_state(state[0])
+                with torch.no_grad():
+                    model(*args, **kwargs)  # the real inputs fail too: the model's own error, raised as is
+                raise RowCheckError(
+                    f"the model failed on the batch with row {r0}'s inputs replaced by row {r1}'s "
+                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): an input with {N} "
+                    "entries in dim 0 is not per-row data (EmbeddingBag offsets, lengths or indices into "
+                    "another input); compute it inside the model from per-row data, or pass it with "
+                    "another leading size"
+                ) from e
+            buffers.restore()
+            torch.set_rng_state(state[0])
+            for d, s in zip(devices, state[1]):
+                torch.cuda.set_rng_state(s, d)
+            rec.start("A")
+            out_a = flat(model(*args, **kwargs))
+            layouts: list[Layout | None] = []
+            outs, cots, spread = [], [], []
+            for j, (ya, yb) in enumerate(zip(out_a, out_b)):
+                L = None
+                if isinstance(ya, torch.Tensor) and isinstance(yb, torch.Tensor) and ya.dim() > 0:
+                    m = changed(ya.detach(), yb)
+                    v = classify(m, N, r0) if m is not None else None
+                    if v is not None and v.kind == SPREAD:
+                        spread.append(f"output {j} {tuple(ya.shape)}")
+                    if v is not None and v.kind == LAYOUT:
+                        L = v.layouts[0]
+                    elif v is not None and v.kind == AMBIGUOUS and DIM0 in v.layouts:
+                        L = DIM0  # the contract decides between layouts the check cannot tell apart
+                layouts.append(L)
+                if L is not None and ya.requires_grad and ya.is_floating_point():
+                    E = torch.zeros_like(ya)
+                    Er = L.rows(E, N)[r0]  # a view of row r0's slice
+                    Er.copy_(torch.randn(Er.shape, generator=gen, dtype=torch.float64))
+                    outs.append(ya)
+                    cots.append(E)
+            if not outs and spread:
+                raise RowCheckError(
+                    f"the rows of the batch interact: changing the inputs of row {r0} alone changed other rows "
+                    f"of the model's {', '.join(spread)} (batch statistics: BatchNorm in train mode, "
+                    "F.batch_norm(training=True), a standardisation over the batch; or attention across the "
+                    "batch). Per-sample gradients do not exist there: use eval-mode statistics"
+                )
+            if not outs:
+                raise RowCheckError(
+                    f"no output of the model has the {N} rows in dim 0 depending on its inputs' rows; the "
+                    "model must return per-row outputs (e.g. logits) and the loss be computed from them"
+                )
+            if params:
+                torch.autograd.grad(outs, params, cots, allow_unused=True)
+    finally:
+        rec.remove()
+        buffers.restore()
+    model_out = RowModel(N=N, r0=r0, outputs=layouts, calls=rec.result())
+    model_out.paths = {id(m): p for m, p in watched.items()}
+    return model_out
+
+
+__all__ = [
+    "DIM0", "WHOLE", "Layout", "RowModel", "CallRows", "OutputRows", "RowCheckError", "SHARED",
+    "candidates", "changed", "check_rows", "classify", "flat", "nonzero", "per_row_inputs", "signature",
+]
+
