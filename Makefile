@@ -7,17 +7,20 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: venv test demo demo-fmnist bench bench-gram data clean
 
-$(STAMP): requirements-dev.txt pyproject.toml setup.py
+# constraints.txt keeps torch at the local CPU wheel whatever a requirement asks for.
+# The editable install's "Editable installation" note is setuptools' InformationOnly
+# message (not a warning about this project); it is filtered out of pip's output.
+$(STAMP): requirements-dev.txt constraints.txt pyproject.toml setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q -c constraints.txt -r requirements-dev.txt
+	PYTHONWARNINGS="ignore:Editable installation" $(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
 # The peers of the benchmarks (their adapters are tested by make test too).
 BENCH_STAMP := $(VENV)/.bench-installed
-$(BENCH_STAMP): $(STAMP) requirements-bench.txt
-	$(PY) -m pip install -q -r requirements-bench.txt
+$(BENCH_STAMP): $(STAMP) requirements-bench.txt constraints.txt
+	$(PY) -m pip install -q -c constraints.txt -r requirements-bench.txt
 	$(PY) -m pip install -q --no-deps backpack-for-pytorch==1.7.1
 	@touch $(BENCH_STAMP)
 
@@ -29,7 +32,7 @@ test: $(BENCH_STAMP)
 # The main job on the embedded digits data: the projection figures on real gradients,
 # then the unlearning comparison (all methods, 3 seeds, retain set of 64, table + plot).
 demo: $(STAMP)
-	$(PY) -m orthograd_fast.demo
+	$(PY) -m orthograd_fast.unlearning.demo
 	$(PY) -m orthograd_fast.cli compare --data digits --forget class:3 --methods all --seeds 3 --retain-size 64
 
 demo-fmnist: $(STAMP) data

@@ -55,7 +55,7 @@ PATHS = ("plain", "store", "store_og", "stream", "authors", "vmap_gram")
 # ------------------------------------------------------------------------------ models
 def build(case: str):
     """(model, x_forget, y_forget, x_retain, y_retain), fixed seed."""
-    from orthograd_fast.models import ClassTokenTransformer
+    from orthograd_fast.unlearning.models import ClassTokenTransformer
 
     torch.manual_seed(0)
     if case == "mlp":

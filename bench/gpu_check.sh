@@ -14,7 +14,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torc
 echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 status=0
 echo "== tests on CUDA: Triton projection kernels, SampleGram and OrthoGrad =="
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_projection_gpu.py tests/test_sample_gram_gpu.py || status=1
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_projection_gpu.py tests/test_sample_gram_gpu.py tests/test_toolkit_gpu.py || status=1
 timeout 150 python3 bench/peers_gpu.py --json "${OUT:-/tmp}/peers-gpu.json" || status=1
 echo "== timings (ms, medians of triton.testing.do_bench) =="
 timeout 150 python3 bench/gpu_bench.py || status=1

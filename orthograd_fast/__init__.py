@@ -1,6 +1,9 @@
 """orthograd_fast: OrthoGrad unlearning made fast.
 
-Public API (DESIGN.md §5): ``project_orthogonal``, ``SampleGram``, ``OrthoGrad``, ``unlearn``.
+Public API (DESIGN.md §5): ``project_orthogonal``, ``SampleGram``, ``OrthoGrad``, ``unlearn``
+(with its ``UnlearnResult`` and ``StopRule``).
+The core (projection, linalg, gram/, orthograd, reference) lives here; the unlearning
+toolkit built on it (methods, data sets, models, metrics, CLI) in ``unlearning/``.
 Importing never touches CUDA and works without Triton (torch backend only).
 """
 import importlib.util as _ilu
@@ -28,7 +31,7 @@ from .gram import SampleGram  # noqa: E402
 from .linalg import default_rtol  # noqa: E402
 from .orthograd import OrthoGrad  # noqa: E402
 from .projection import project_orthogonal  # noqa: E402
-from .unlearn import unlearn  # noqa: E402
+from .unlearning import StopRule, UnlearnResult, unlearn  # noqa: E402
 
-__all__ = ["project_orthogonal", "SampleGram", "OrthoGrad", "unlearn", "default_rtol"]
+__all__ = ["project_orthogonal", "SampleGram", "OrthoGrad", "unlearn", "UnlearnResult", "StopRule", "default_rtol"]
 __version__ = "0.1.0"

@@ -44,6 +44,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .linalg import _single_thread
+from .modes import eval_modes
 
 GRANULARITIES = ("global", "per_tensor")
 DEFAULT_RTOL = {torch.float64: 1e-7, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
@@ -54,7 +55,8 @@ class NonFiniteGradientError(FloatingPointError):
     """NaN/Inf reached a loss, the Gram or the update; raised before the optimizer step."""
 
 
-def _default_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _default_loss(logits, targets: torch.Tensor) -> torch.Tensor:
+    logits = getattr(logits, "logits", logits)  # Hugging Face ModelOutput
     return F.cross_entropy(logits, targets, reduction="none")
 
 
@@ -184,8 +186,14 @@ class OrthoGrad:
     record_grads=False)``: the step always combines, so the record pass skips Linear/Conv
     weight gradients).
 
-    BatchNorm layers must be in eval mode (rows must be independent). Use as a context
-    manager or call :meth:`close` to remove the engine's hooks.
+    eval_mode: run the step's forward/backward with every module in eval mode (BatchNorm on
+    its running statistics, Dropout and attention dropout off) and give each module its
+    own mode back afterwards (``orthograd_fast.modes``): the rows are then independent and
+    the retain gradients are those of the model as deployed. False: the modes as they are
+    (BatchNorm in train mode is then refused; Dropout draws one mask, shared by the Gram
+    and the update, so the step is orthogonal to that sub-network's retain gradients only).
+
+    Use as a context manager or call :meth:`close` to remove the engine's hooks.
     """
 
     def __init__(
@@ -201,6 +209,7 @@ class OrthoGrad:
         max_grad_norm: float | None = None,
         backend: str = "auto",
         engine=None,
+        eval_mode: bool = True,
     ):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -235,6 +244,9 @@ class OrthoGrad:
         self.loss_fn = loss_fn or _default_loss
         self.granularity, self.alpha, self.retain_grads = granularity, float(alpha), retain_grads
         self.rtol, self.max_grad_norm = float(rtol), max_grad_norm
+        if not isinstance(eval_mode, bool):
+            raise ValueError(f"eval_mode must be True or False, got {eval_mode!r}")
+        self.eval_mode = eval_mode
         if engine is None:
             from .gram import SampleGram
 
@@ -303,7 +315,7 @@ class OrthoGrad:
 
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            with self.engine.record(segments, num_segments=nb + 1):
+            with eval_modes(self.model, self.eval_mode), self.engine.record(segments, num_segments=nb + 1):
                 losses = self.loss_fn(self.model(x), y)
                 if losses.dim() != 1 or losses.shape[0] != B + Fn:
                     raise ValueError(

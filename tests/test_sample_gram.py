@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from orthograd_fast import reference as ref
-from orthograd_fast.models import ClassTokenTransformer
+from orthograd_fast.unlearning.models import ClassTokenTransformer
 from orthograd_fast.gram import SampleGram
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}

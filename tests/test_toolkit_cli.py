@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from orthograd_fast import data
 from orthograd_fast.cli import main
+from orthograd_fast.unlearning import datasets, splits
 
 TINY = ["--train-epochs", "4", "--steps", "8", "--no-progress"]
 
@@ -35,9 +35,9 @@ def test_compare_end_to_end(capsys, tmp_path):
     for r in res["runs"]:
         assert r["metrics"]["forget_acc"] < 1.0 and r["history"][0]["step"] == 0 and "test_acc" in r["history"][-1]
         assert 1 <= r["metrics"]["steps"] <= 8
-    ds = data.load_digits()
+    ds = datasets.load_digits()
     np.testing.assert_array_equal(np.load(out_dir / "forget_idx_seed1.npy"),
-                                  data.make_split(ds, "class:3", seed=1).forget_idx)
+                                  splits.make_split(ds, "class:3", seed=1).forget_idx)
     assert (out_dir / "plot.png").stat().st_size > 10_000
     # cached models are reused on a second run
     code, _, _ = _run(capsys, tmp_path, "compare", "--methods", "neggrad", "--seeds", "1",
@@ -84,9 +84,29 @@ def test_module_entry_point_help():
     assert proc.returncode == 0 and "--retain-size" in proc.stdout and "sweep" in proc.stdout
 
 
-@pytest.mark.skipif(not data.FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist not installed (make data)")
+@pytest.mark.skipif(not datasets.FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist not installed (make data)")
 def test_fashion_mnist_cli(capsys, tmp_path):
     code, out, err = _run(capsys, tmp_path, "unlearn", "--data", "fashion-mnist", "--train-subset", "2000",
                           "--forget", "class:0", "--method", "orthograd", "--out", str(tmp_path / "fm"))
     assert code == 0, err
     assert "fashion-mnist[2000]" in out and (tmp_path / "fm" / "model.pt").is_file()
+
+
+@pytest.mark.parametrize("where", ["file", "under_file", "unwritable"])
+def test_out_that_cannot_be_a_folder_is_one_line_before_any_work(capsys, tmp_path, where):
+    (tmp_path / "taken").write_text("x")
+    out = {"file": tmp_path / "taken", "under_file": tmp_path / "taken" / "run",
+           "unwritable": "/proc/orthograd-fast-test/run"}[where]
+    message = {"file": "a file of that name exists", "under_file": "is a file, so no folder can be made",
+               "unwritable": "cannot create or write the folder"}[where]
+    code, out_text, err = _run(capsys, tmp_path, "unlearn", "--out", str(out))
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "cache").exists()  # no model was trained or loaded
+    assert (tmp_path / "taken").read_text() == "x"
+
+
+def test_failed_run_leaves_no_empty_out_folder(capsys, tmp_path):
+    out = tmp_path / "new" / "run"
+    code, _, err = _run(capsys, tmp_path, "unlearn", "--data", "fashion-mnist", "--data-root", str(tmp_path),
+                        "--out", str(out))
+    assert code == 2 and "make data" in err and not (tmp_path / "new").exists()

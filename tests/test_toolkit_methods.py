@@ -8,22 +8,22 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from orthograd_fast import data, methods, models
-from orthograd_fast.unlearn import StopRule, loader_accuracy, run_unlearning, unlearn
+from orthograd_fast.unlearning import datasets, methods, models, splits, training
+from orthograd_fast.unlearning.runner import StopRule, loader_accuracy, run_unlearning, unlearn
 
 
 @pytest.fixture(scope="module")
 def setup():
-    ds = data.load_digits()
-    split = data.make_split(ds, "class:3", retain_size=32, seed=0)
+    ds = datasets.load_digits()
+    split = splits.make_split(ds, "class:3", retain_size=32, seed=0)
     mcfg = models.ModelConfig("mlp", (64,))
-    model = models.get_trained("original", ds, np.arange(len(ds.y_train)), mcfg,
-                               models.TrainConfig(epochs=10), seed=0, cache=False).model
+    model = training.get_trained("original", ds, np.arange(len(ds.y_train)), mcfg,
+                                 training.TrainConfig(epochs=10), seed=0, cache=False).model
     fi, ri = torch.from_numpy(split.forget_idx), torch.from_numpy(split.retain_subset_idx)
     loaders = {
-        "forget": data.loader(ds.x_train[fi], ds.y_train[fi], 32, shuffle=True, seed=0),
-        "retain": data.loader(ds.x_train[ri], ds.y_train[ri], 32, shuffle=True, seed=0),
-        "val": data.loader(ds.x_val, ds.y_val, 512),
+        "forget": splits.loader(ds.x_train[fi], ds.y_train[fi], 32, shuffle=True, seed=0),
+        "retain": splits.loader(ds.x_train[ri], ds.y_train[ri], 32, shuffle=True, seed=0),
+        "val": splits.loader(ds.x_val, ds.y_val, 512),
     }
     return ds, split, model, loaders
 
@@ -67,7 +67,7 @@ def test_orthograd_keeps_retain_better_than_neggrad(setup):
     """Same step size, clip and number of steps: the per-sample retain losses (the samples
     OrthoGrad projects against) move far less under OrthoGrad than under plain ascent."""
     _, _, original, L = setup
-    x, y = next(iter(data.loader(*L["retain"].dataset.tensors, 1000)))
+    x, y = next(iter(splits.loader(*L["retain"].dataset.tensors, 1000)))
 
     def losses(m):
         with torch.no_grad():
@@ -85,7 +85,7 @@ def test_orthograd_keeps_retain_better_than_neggrad(setup):
 def test_retrain_oracle(setup):
     ds, split, original, L = setup
     ri = torch.from_numpy(split.retain_idx)
-    full = data.loader(ds.x_train[ri], ds.y_train[ri], 64, shuffle=True, seed=0)
+    full = splits.loader(ds.x_train[ri], ds.y_train[ri], 64, shuffle=True, seed=0)
     model = copy.deepcopy(original)
     res = run_unlearning(model, full, L["forget"], method="retrain", epochs=4)
     assert res.method == "retrain" and res.steps == 4 * len(full)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from orthograd_fast import metrics
+from orthograd_fast.unlearning import metrics
 
 
 def test_accuracy_confidence_loss():
@@ -74,13 +74,13 @@ def test_avg_gap_and_noise_floor():
 
 
 def test_evaluate_on_digits():
-    from orthograd_fast import data, models
+    from orthograd_fast.unlearning import datasets, models, splits, training
 
-    ds = data.load_digits()
-    split = data.make_split(ds, "class:3", retain_size=32, seed=0)
-    mcfg, tcfg = models.default_configs("digits")
-    model = models.get_trained("original", ds, np.arange(len(ds.y_train)), mcfg,
-                               models.TrainConfig(epochs=8), seed=0, cache=False).model
+    ds = datasets.load_digits()
+    split = splits.make_split(ds, "class:3", retain_size=32, seed=0)
+    mcfg, tcfg = training.default_configs("digits")
+    model = training.get_trained("original", ds, np.arange(len(ds.y_train)), mcfg,
+                               training.TrainConfig(epochs=8), seed=0, cache=False).model
     out = metrics.evaluate(model, ds, split, seed=0, original_test_acc=0.9)
     assert out["forget_acc"] > 0.8 and out["retain_acc"] > 0.8 and out["test_acc"] > 0.8
     assert out["ua"] == pytest.approx(1 - out["forget_acc"])

@@ -3,12 +3,12 @@ import numpy as np
 import pytest
 import torch
 
-from orthograd_fast import data, models
+from orthograd_fast.unlearning import datasets, models, training
 
 
 @pytest.fixture(scope="module")
 def digits():
-    return data.load_digits()
+    return datasets.load_digits()
 
 
 def test_architectures_shapes():
@@ -22,40 +22,63 @@ def test_architectures_shapes():
     with pytest.raises(ValueError, match="unknown arch"):
         models.build_model(models.ModelConfig("resnet"), (1, 8, 8), 10)
     with pytest.raises(ValueError, match="unknown arch"):
-        models.default_configs("digits", "vit")
+        training.default_configs("digits", "vit")
 
 
 def test_training_learns_and_reinitialize(digits):
     cfg = models.ModelConfig("mlp", (64,))
     model = models.build_model(cfg, digits.input_shape, 10, seed=1)
-    models.train_model(model, digits.x_train, digits.y_train, models.TrainConfig(epochs=5), seed=1)
+    training.train_model(model, digits.x_train, digits.y_train, training.TrainConfig(epochs=5), seed=1)
     with torch.no_grad():
         acc = float((model(digits.x_test).argmax(1) == digits.y_test).float().mean())
     assert acc > 0.85
     before = [p.detach().clone() for p in model.parameters()]
-    models.reinitialize(model, seed=1)
+    training.reinitialize(model, seed=1)
     assert not any(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with pytest.raises(ValueError, match="empty"):
-        models.train_model(model, digits.x_train[:0], digits.y_train[:0], models.TrainConfig(epochs=1))
+        training.train_model(model, digits.x_train[:0], digits.y_train[:0], training.TrainConfig(epochs=1))
 
 
 def test_cache_roundtrip(digits, tmp_path, monkeypatch):
     monkeypatch.setenv("ORTHOGRAD_FAST_CACHE", str(tmp_path / "envcache"))
-    assert models.cache_dir() == tmp_path / "envcache"
-    cfg, tcfg = models.ModelConfig("mlp", (32,)), models.TrainConfig(epochs=2)
+    assert training.cache_dir() == tmp_path / "envcache"
+    cfg, tcfg = models.ModelConfig("mlp", (32,)), training.TrainConfig(epochs=2)
     idx = np.arange(200)
-    a = models.get_trained("original", digits, idx, cfg, tcfg, seed=0)
+    a = training.get_trained("original", digits, idx, cfg, tcfg, seed=0)
     assert not a.cached and len(list((tmp_path / "envcache").glob("original-*.pt"))) == 1
-    b = models.get_trained("original", digits, idx, cfg, tcfg, seed=0)
+    b = training.get_trained("original", digits, idx, cfg, tcfg, seed=0)
     assert b.cached and b.key == a.key and b.seconds == pytest.approx(a.seconds)
     assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
     # any change of seed, indices or recipe is a different model
-    assert models.get_trained("original", digits, idx, cfg, tcfg, seed=1, cache=False).key != a.key
-    assert models.get_trained("original", digits, idx[:-1], cfg, tcfg, seed=0, cache=False).key != a.key
-    other = models.get_trained("original", digits, idx, cfg, models.TrainConfig(epochs=3), seed=0, cache=False)
+    assert training.get_trained("original", digits, idx, cfg, tcfg, seed=1, cache=False).key != a.key
+    assert training.get_trained("original", digits, idx[:-1], cfg, tcfg, seed=0, cache=False).key != a.key
+    other = training.get_trained("original", digits, idx, cfg, training.TrainConfig(epochs=3), seed=0, cache=False)
     assert other.key != a.key
     # a corrupt cache file is retrained, not fatal
     path = next((tmp_path / "envcache").glob("original-*.pt"))
     path.write_bytes(b"garbage")
-    c = models.get_trained("original", digits, idx, cfg, tcfg, seed=0)
+    c = training.get_trained("original", digits, idx, cfg, tcfg, seed=0)
     assert not c.cached and all(torch.equal(p, q) for p, q in zip(a.model.parameters(), c.model.parameters()))
+
+
+def test_model_registry_is_the_cli_choice_list():
+    """A file in models/ registers a builder by name; build_model and the CLI's --model use it."""
+    from orthograd_fast.unlearning import cli
+
+    assert models.names() == ("mlp", "cnn")
+    action = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["compare"]._actions
+                  if a.dest == "model")
+    assert tuple(action.choices) == models.names()
+    with pytest.raises(ValueError, match="registered twice"):
+        models.register("mlp")(lambda cfg, shape, n: None)
+
+    @models.register("test-linear")
+    def _build(cfg, input_shape, num_classes):
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(int(np.prod(input_shape)), num_classes))
+
+    try:
+        m = models.build_model(models.ModelConfig("test-linear"), (1, 8, 8), 10, seed=3)
+        assert m(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+        assert "test-linear" in models.names()
+    finally:
+        del models.REGISTRY["test-linear"]

@@ -218,7 +218,7 @@ def test_bad_inputs(gen):
 
 def test_cnn_direction_matches_reference(gen):
     """The toolkit's SmallCNN (Conv2d rules of SampleGram) against the vmap reference."""
-    from orthograd_fast.models import ModelConfig, build_model
+    from orthograd_fast.unlearning.models import ModelConfig, build_model
 
     model = build_model(ModelConfig("cnn", channels=(4, 6)), (1, 8, 8), 5, seed=0).double()
     xr = torch.randn(B, 1, 8, 8, generator=gen, dtype=torch.float64)

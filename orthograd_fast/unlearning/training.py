@@ -1,11 +1,8 @@
-"""Small models trained from scratch, and a disk cache for the original and retrain models.
-
-* ``mlp``: Flatten -> [Linear -> ReLU] * len(hidden) -> Linear. Digits default hidden
-  (128,) (9.6k params); Fashion-MNIST (256,) (203k params).
-* ``cnn``: two 3x3 conv (16, 32 channels, ReLU, 2x2 max-pool after each) -> Linear.
+"""Training from scratch, and a disk cache for the original and retrain models.
 
 Training recipe (``TrainConfig``): SGD with momentum 0.9, weight decay 5e-4, cosine
-learning-rate decay, cross-entropy, shuffled mini-batches; fully seeded.
+learning-rate decay, cross-entropy, shuffled mini-batches; fully seeded. Each data set
+registers its default recipe (``datasets.register``); ``default_configs`` reads it.
 
 The original model (trained on all of D_train) and the retrain oracle (same recipe, fresh
 init, D_r only) are cached as ``<cache>/<kind>-<key>.pt`` where key hashes the dataset
@@ -21,7 +18,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -29,19 +26,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .data import Dataset
+from . import datasets as _datasets
+from .datasets import Dataset
+from .models import ModelConfig, build_model, check_arch
 
-ARCHS = ("mlp", "cnn")
 _CACHE_VERSION = 1
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Architecture: arch "mlp" (hidden widths) or "cnn" (channels of the two convs)."""
-
-    arch: str = "mlp"
-    hidden: tuple[int, ...] = (128,)
-    channels: tuple[int, int] = (16, 32)
 
 
 @dataclass(frozen=True)
@@ -55,97 +44,39 @@ class TrainConfig:
     weight_decay: float = 5e-4
 
 
-DEFAULTS = {
-    "digits": (ModelConfig("mlp", (128,)), TrainConfig(epochs=30, batch_size=64, lr=0.05)),
-    "fashion-mnist": (ModelConfig("mlp", (256,)), TrainConfig(epochs=4, batch_size=128, lr=0.05)),
-}
-
-
 def default_configs(dataset_name: str, arch: str = "mlp") -> tuple[ModelConfig, TrainConfig]:
-    """The recipe used by the CLI for a dataset (and arch)."""
+    """The recipe used by the CLI for a dataset (and arch): the data set's registered
+    recipe (``datasets.register``; digits' for a name that is not registered)."""
     base = dataset_name.split("[")[0]
-    mcfg, tcfg = DEFAULTS.get(base, DEFAULTS["digits"])
-    if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {ARCHS}")
-    if arch != mcfg.arch:
-        mcfg = ModelConfig(arch, mcfg.hidden, mcfg.channels)
+    try:
+        recipe = _datasets.entry(base).recipe
+    except ValueError:
+        recipe = _datasets.entry("digits").recipe
+    check_arch(arch)
+    model_fields = {f.name for f in fields(ModelConfig)}
+    train_fields = {f.name for f in fields(TrainConfig)}
+    mcfg = ModelConfig(arch, **{k: v for k, v in recipe.items() if k in model_fields})
+    tcfg = TrainConfig(**{k: v for k, v in recipe.items() if k in train_fields})
     return mcfg, tcfg
 
 
-class MLP(nn.Sequential):
-    """(N, *input_shape) -> (N, num_classes) logits."""
-
-    def __init__(self, input_shape, num_classes: int, hidden=(128,)):
-        layers: list[nn.Module] = [nn.Flatten()]
-        width = int(np.prod(input_shape))
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU()]
-            width = h
-        layers.append(nn.Linear(width, num_classes))
-        super().__init__(*layers)
-
-
-class SmallCNN(nn.Sequential):
-    """(N, C, H, W) -> (N, num_classes): conv3x3-ReLU-pool2 twice, then Linear."""
-
-    def __init__(self, input_shape, num_classes: int, channels=(16, 32)):
-        c, h, w = input_shape
-        c1, c2 = channels
-        super().__init__(
-            nn.Conv2d(c, c1, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(c2 * (h // 4) * (w // 4), num_classes),
-        )
-
-
-class ClassTokenTransformer(nn.Module):
-    """(N, T, feat) features -> (N, num_classes): a linear token embedding, a class token and
-    a positional embedding as bare parameters, ``layers`` nn.TransformerEncoderLayer blocks
-    (nn.MultiheadAttention inside), LayerNorm, and a linear head on the class token.
-
-    The shape of a ViT on pre-embedded patches; the SampleGram zoo and benchmark use it
-    because its bare parameters and attention projections need the traced rules.
-    """
-
-    def __init__(self, feat: int, num_classes: int, *, d: int = 128, heads: int = 4, ff: int = 256,
-                 seq_len: int = 64, layers: int = 2, init_scale: float = 0.02):
-        super().__init__()
-        self.embed = nn.Linear(feat, d)
-        self.cls = nn.Parameter(init_scale * torch.randn(1, 1, d))
-        self.pos = nn.Parameter(init_scale * torch.randn(1, seq_len + 1, d))
-        self.layers = nn.ModuleList(
-            nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True) for _ in range(layers)
-        )
-        self.norm = nn.LayerNorm(d)
-        self.head = nn.Linear(d, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed(x)
-        h = torch.cat([self.cls.expand(x.shape[0], -1, -1), h], dim=1) + self.pos
-        for layer in self.layers:
-            h = layer(h)
-        return self.head(self.norm(h[:, 0]))
-
-
-def build_model(cfg: ModelConfig, input_shape, num_classes: int, seed: int = 0) -> nn.Module:
-    """A freshly initialised model (init seeded by ``seed``)."""
-    if cfg.arch not in ARCHS:
-        raise ValueError(f"unknown arch {cfg.arch!r}; choose one of {ARCHS}")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if cfg.arch == "mlp":
-            return MLP(input_shape, num_classes, cfg.hidden)
-        return SmallCNN(input_shape, num_classes, cfg.channels)
-
-
 def reinitialize(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Reset every submodule that has ``reset_parameters`` (in place, seeded); returns model."""
+    """Reset every submodule that has ``reset_parameters`` (in place, seeded); returns model.
+    The global RNG is untouched. :func:`uninitializable` lists what this leaves alone."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for m in model.modules():
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
     return model
+
+
+def uninitializable(model: nn.Module) -> list[str]:
+    """Names of trainable parameters that :func:`reinitialize` would not reset: those held
+    (directly) by a module without ``reset_parameters``."""
+    covered = {id(p) for m in model.modules() if hasattr(m, "reset_parameters")
+               for p in m.parameters(recurse=False)}
+    return [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
 
 
 def train_model(

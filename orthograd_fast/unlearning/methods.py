@@ -3,7 +3,10 @@
 Every method is a stepper: ``step(forget_batch, retain_batch) -> stats`` updates the
 model in place with one optimizer step (SGD, lr ``lr``, momentum ``momentum``), clips the
 update to ``max_grad_norm`` and raises ``NonFiniteGradientError`` *before* stepping when a
-loss or the update is NaN/Inf. CE = mean cross-entropy over the batch.
+loss or the update is NaN/Inf. CE = the task's loss, averaged over the batch rows: mean
+cross-entropy for classification (or the mean of ``loss_fn``), the mean per-sequence
+token NLL for ``task="lm"`` (``orthograd_fast.unlearning.tasks``). Batches arrive as
+prepared (x, y) pairs, forget and retain aligned (the runner does it).
 
 * ``orthograd``: ascend CE(D_f) orthogonally to every per-sample retain gradient, plus
   α·descent on the mean retain gradient (:class:`~orthograd_fast.orthograd.OrthoGrad`).
@@ -13,13 +16,15 @@ loss or the update is NaN/Inf. CE = mean cross-entropy over the batch.
 * ``neggrad_plus``: α·CE(retain) − (1−α)·CE(forget) (SCRUB's NegGrad+).
 * ``finetune``: CE(retain) only (forgetting by catastrophic forgetting).
 * ``random_label``: CE on forget samples relabelled uniformly among the *other* classes,
-  concatenated with the retain batch (SalUn's RL).
+  concatenated with the retain batch (SalUn's RL). Classification with class-index
+  targets only.
 * ``scrub``: teacher = frozen copy of the model at the start, student = the model. Each
   step: a max-step on the forget batch (ascend KL(teacher ‖ student), temperature T)
   while step < ``msteps`` (None: always), then a min-step on the retain batch,
   γ·CE + β·KL(teacher ‖ student) (SCRUB's notebook: γ 0.99, β 0.001, T 4).
+  Classification only (KL over the classes of (N, C) logits).
 * ``retrain``: re-initialise and train on the retain loader (the oracle; run by
-  :func:`orthograd_fast.unlearn.unlearn`, not a stepper).
+  :func:`orthograd_fast.unlearn`, not a stepper).
 
 ``DEFAULTS`` holds the step size, clip and step budget each method ships with; they were
 tuned on digits class forgetting with a 64-sample retain set (the demo).
@@ -31,9 +36,10 @@ import inspect
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-from .orthograd import NonFiniteGradientError, OrthoGrad
+from ..orthograd import NonFiniteGradientError, OrthoGrad
+from .losses import distill_kl, logits_of
+from .tasks import Classification, Task
 
 METHODS = (
     "retrain", "orthograd", "orthograd_mean", "neggrad", "neggrad_plus",
@@ -66,22 +72,34 @@ def _check_finite_loss(loss: torch.Tensor, what: str) -> None:
 
 
 class Method:
-    """Base stepper: SGD on the trainable parameters; subclasses define ``loss``."""
+    """Base stepper: SGD on the trainable parameters; subclasses define ``step``.
+
+    task: the :class:`~orthograd_fast.unlearning.tasks.Task` (default classification);
+    ``self.net`` is the module the steps call with a batch's x (the model, or the task's
+    adapter around it)."""
 
     name = "method"
 
     def __init__(self, model: nn.Module, *, lr: float, max_grad_norm: float | None = 1.0,
-                 momentum: float = 0.0, weight_decay: float = 0.0, seed: int = 0):
+                 momentum: float = 0.0, weight_decay: float = 0.0, seed: int = 0, task: Task | None = None):
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm!r}")
+        self.task = Classification() if task is None else task
+        self.task.check_method(self.name)
         self.model = model
+        self.net = self.task.wrap(model)
         self.params = _trainable(model)
         self.optimizer = torch.optim.SGD(self.params, lr=lr, momentum=momentum, weight_decay=weight_decay)
         self.max_grad_norm = max_grad_norm
         self.generator = torch.Generator().manual_seed(seed)
         self.steps = 0
+
+    def _loss(self, batch) -> tuple[torch.Tensor, object]:
+        """(mean row loss, raw output) of the model on a prepared batch (x, y)."""
+        out = self.net(batch[0])
+        return self.task.row_losses(out, batch[1]).mean(), out
 
     def _apply(self, loss: torch.Tensor, what: str = "unlearning") -> float:
         _check_finite_loss(loss, what)
@@ -108,8 +126,7 @@ class NegGrad(Method):
     uses_retain = False
 
     def step(self, forget_batch, retain_batch) -> dict:
-        xf, yf = forget_batch[0], forget_batch[1]
-        lf = F.cross_entropy(self.model(xf), yf)
+        lf, _ = self._loss(forget_batch)
         norm = self._apply(-lf)
         return {"forget_loss": float(lf.detach()), "grad_norm": norm}
 
@@ -126,8 +143,8 @@ class NegGradPlus(Method):
         self.alpha = alpha
 
     def step(self, forget_batch, retain_batch) -> dict:
-        lf = F.cross_entropy(self.model(forget_batch[0]), forget_batch[1])
-        lr = F.cross_entropy(self.model(retain_batch[0]), retain_batch[1])
+        lf, _ = self._loss(forget_batch)
+        lr, _ = self._loss(retain_batch)
         norm = self._apply(self.alpha * lr - (1 - self.alpha) * lf)
         return {"forget_loss": float(lf.detach()), "retain_loss": float(lr.detach()), "grad_norm": norm}
 
@@ -138,7 +155,7 @@ class Finetune(Method):
     name = "finetune"
 
     def step(self, forget_batch, retain_batch) -> dict:
-        lr = F.cross_entropy(self.model(retain_batch[0]), retain_batch[1])
+        lr, _ = self._loss(retain_batch)
         norm = self._apply(lr)
         return {"retain_loss": float(lr.detach()), "grad_norm": norm}
 
@@ -151,22 +168,17 @@ class RandomLabel(Method):
     def step(self, forget_batch, retain_batch) -> dict:
         xf, yf = forget_batch[0], forget_batch[1]
         xr, yr = retain_batch[0], retain_batch[1]
-        out = self.model(torch.cat([xf, xr]))
-        C = out.shape[1]
+        if yf.dim() != 1 or yf.is_floating_point():
+            raise ValueError(f"random_label needs class-index targets (N,), got {yf.dtype} {tuple(yf.shape)}")
+        out = self.net(torch.cat([xf, xr]))
+        C = logits_of(out).shape[1]
         if C < 2:
             raise ValueError("random_label needs at least 2 classes")
         shift = torch.randint(1, C, yf.shape, generator=self.generator).to(yf.device)
         y_rand = (yf + shift) % C
-        loss = F.cross_entropy(out, torch.cat([y_rand, yr]))
+        loss = self.task.row_losses(out, torch.cat([y_rand, yr])).mean()
         norm = self._apply(loss)
         return {"loss": float(loss.detach()), "grad_norm": norm}
-
-
-def _kl(student_logits, teacher_logits, T: float) -> torch.Tensor:
-    """KL(teacher_T ‖ student_T)·T², batch mean (SCRUB's DistillKL)."""
-    return F.kl_div(
-        F.log_softmax(student_logits / T, 1), F.softmax(teacher_logits / T, 1), reduction="batchmean"
-    ) * T * T
 
 
 class Scrub(Method):
@@ -177,9 +189,10 @@ class Scrub(Method):
     def __init__(self, model, *, T: float = 4.0, gamma: float = 0.99, beta: float = 0.001,
                  msteps: int | None = None, **kw):
         super().__init__(model, **kw)
-        self.teacher = copy.deepcopy(model).eval()
-        for p in self.teacher.parameters():
+        teacher = copy.deepcopy(model).eval()
+        for p in teacher.parameters():
             p.requires_grad_(False)
+        self.teacher = self.task.wrap(teacher)
         self.T, self.gamma, self.beta, self.msteps = T, gamma, beta, msteps
 
     def step(self, forget_batch, retain_batch) -> dict:
@@ -187,16 +200,15 @@ class Scrub(Method):
         if self.msteps is None or self.steps < self.msteps:
             xf = forget_batch[0]
             with torch.no_grad():
-                tf = self.teacher(xf)
-            kl_f = _kl(self.model(xf), tf, self.T)
+                tf = logits_of(self.teacher(xf))
+            kl_f = distill_kl(logits_of(self.net(xf)), tf, self.T)
             stats["forget_kl"] = float(kl_f.detach())
             self._apply(-kl_f, "SCRUB max-step")
-        xr, yr = retain_batch[0], retain_batch[1]
+        xr = retain_batch[0]
         with torch.no_grad():
-            tr = self.teacher(xr)
-        out = self.model(xr)
-        ce = F.cross_entropy(out, yr)
-        loss = self.gamma * ce + self.beta * _kl(out, tr, self.T)
+            tr = logits_of(self.teacher(xr))
+        ce, out = self._loss(retain_batch)
+        loss = self.gamma * ce + self.beta * distill_kl(logits_of(out), tr, self.T)
         stats["grad_norm"] = self._apply(loss, "SCRUB min-step")
         stats["retain_loss"] = float(ce.detach())
         self.steps += 1
@@ -204,19 +216,20 @@ class Scrub(Method):
 
 
 class OrthoGradMethod(Method):
-    """OrthoGrad with an SGD optimizer (see :class:`~orthograd_fast.orthograd.OrthoGrad`)."""
+    """OrthoGrad with an SGD optimizer (see :class:`~orthograd_fast.orthograd.OrthoGrad`),
+    the task's per-row losses as its loss, the step in eval mode unless ``eval_mode=False``."""
 
     name = "orthograd"
     retain_grads = "per_sample"
 
     def __init__(self, model, *, alpha: float = 0.0, granularity: str = "global",
-                 rtol: float | None = None, backend: str = "auto", engine=None, **kw):
+                 rtol: float | None = None, backend: str = "auto", engine=None, eval_mode: bool = True, **kw):
         max_grad_norm = kw.get("max_grad_norm")
         super().__init__(model, **kw)
         self.og = OrthoGrad(
-            model, self.optimizer, granularity=granularity, alpha=alpha,
+            self.net, self.optimizer, loss_fn=self.task.row_losses, granularity=granularity, alpha=alpha,
             retain_grads=self.retain_grads, rtol=rtol, max_grad_norm=max_grad_norm,
-            backend=backend, engine=engine,
+            backend=backend, engine=engine, eval_mode=eval_mode,
         )
 
     def step(self, forget_batch, retain_batch) -> dict:
@@ -242,6 +255,7 @@ STEPPERS: dict[str, type[Method]] = {
     "random_label": RandomLabel,
     "scrub": Scrub,
 }
+_NOT_OPTIONS = ("task",)  # passed by the runner, not a user option
 
 
 def method_options(name: str) -> list[str]:
@@ -254,7 +268,7 @@ def method_options(name: str) -> list[str]:
         if klass in (object,):
             continue
         for p in inspect.signature(klass.__init__).parameters.values():
-            if p.kind == p.KEYWORD_ONLY and p.name not in opts:
+            if p.kind == p.KEYWORD_ONLY and p.name not in opts and p.name not in _NOT_OPTIONS:
                 opts.append(p.name)
     return opts
 
@@ -266,13 +280,13 @@ def check_method(name: str) -> str:
     return name
 
 
-def make_method(name: str, model: nn.Module, **kw) -> Method:
+def make_method(name: str, model: nn.Module, *, task: Task | None = None, **kw) -> Method:
     """Instantiate the stepper ``name`` on ``model`` (ValueError on unknown names/options)."""
     check_method(name)
     if name == "retrain":
-        raise ValueError("retrain is not a stepper: call orthograd_fast.unlearn.unlearn(..., method='retrain')")
+        raise ValueError("retrain is not a stepper: call orthograd_fast.unlearn(..., method='retrain')")
     allowed = method_options(name)
     unknown = sorted(set(kw) - set(allowed))
     if unknown:
         raise ValueError(f"method {name!r} got unknown option(s) {unknown}; it accepts {allowed}")
-    return STEPPERS[name](model, **kw)
+    return STEPPERS[name](model, task=task, **kw)

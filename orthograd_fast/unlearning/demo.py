@@ -6,7 +6,7 @@ against the real per-sample gradients of a retain batch of B samples. Prints the
 the orthogonality, the first-order change of every retain loss along the raw and the
 projected direction, and the time of each backend next to the authors' QR path.
 
-Run: ``python -m orthograd_fast.demo`` (``make demo`` runs it first).
+Run: ``python -m orthograd_fast.unlearning.demo`` (``make demo`` runs it first).
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import reference as ref
-from .projection import project_orthogonal
+from .. import reference as ref
+from ..projection import project_orthogonal
 
 
 def _digits(seed: int):
