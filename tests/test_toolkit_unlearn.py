@@ -186,27 +186,25 @@ def test_custom_loss_fn_is_the_one_projected(gen):
     assert _max_cos(got, G) < 1e-10 and _max_cos(got, G_ce) > 1e-4
 
 
-class _Output:
-    """A Hugging Face style output: the logits as an attribute, not a tensor."""
-
-    def __init__(self, logits):
-        self.logits = logits
-
-
 class _WithLogits(nn.Module):
+    """The inner model's logits in a Hugging Face ModelOutput, as HF classifiers return them."""
+
     def __init__(self, inner):
         super().__init__()
-        self.inner = inner
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        self.inner, self.output = inner, SequenceClassifierOutput
 
     def forward(self, x):
-        return _Output(self.inner(x))
+        return self.output(logits=self.inner(x))
 
 
 @pytest.mark.parametrize("method", ["orthograd", "orthograd_mean", "neggrad", "neggrad_plus", "finetune",
                                     "random_label", "scrub", "retrain"])
 def test_outputs_with_logits_give_the_plain_models_result(gen, method):
-    """A model returning an object with .logits (ModelOutput) goes through every method and
-    ends with bitwise the weights of the same model returning the tensor."""
+    """A model returning a Hugging Face ModelOutput goes through every method and ends with
+    bitwise the weights of the same model returning the logits tensor."""
+    pytest.importorskip("transformers")
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
     plain = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
     wrapped = _WithLogits(copy.deepcopy(plain))

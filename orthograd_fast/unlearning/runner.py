@@ -61,6 +61,7 @@ change) a model with a trainable parameter that no ``reset_parameters`` re-initi
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable
@@ -271,12 +272,15 @@ def run_unlearning(
     for name, v in (("steps", steps), ("epochs", epochs)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0):
             raise ValueError(f"{name} must be positive, got {v!r}")
-    if steps is not None and not isinstance(steps, int):
-        raise ValueError(f"steps must be an int, got {steps!r}")
+    if steps is not None:
+        if not isinstance(steps, numbers.Integral):
+            raise ValueError(f"steps must be an int, got {steps!r}")
+        steps = int(steps)
     if lr is not None and not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ValueError(f"seed must be an int, got {seed!r}")
+    seed = int(seed)
     task = make_task(task, model, loss_fn=loss_fn, pad_id=pad_id)
     task.check_method(method)
     defaults = _methods.DEFAULTS[method]

@@ -15,6 +15,11 @@ targets class indices (N,), else none (the forget-accuracy stopping rule is then
 Forget and retain inputs must have one shape per row; if they differ, the error says
 exactly how.
 
+Model outputs: a logits tensor, or a Hugging Face ``ModelOutput`` (a dict or tuple holding
+the logits works too). The baselines accept any object with a ``.logits`` tensor;
+OrthoGrad's per-sample Gram engine finds the output rows through torch's pytree, so an
+output object it cannot traverse is refused there with a clear error.
+
 ``CausalLM(pad_id=0, loss_fn=None)`` (``task="lm"``): causal language models, rows =
 sequences. A batch is a dict with ``input_ids`` (N, T) and optionally ``attention_mask``
 and ``labels`` (a Hugging Face tokenizer or collator's output), or a tuple (input_ids,),
