@@ -17,7 +17,7 @@ index sums, never formed): cost ~ F²·G·(d+p), memory one (block x F) slab at 
 Explicit ("flash-Gram"). Per (p-tile, d-tile), segment tiles X_s = Σ_{r in s} D_r[:, tile]ᵀ
 A_r[:, tile]: for one-row segments by one batched GEMM over those rows (T reduced inside
 the GEMM), for a multi-row segment by one GEMM over all its positions; then K += X Xᵀ
-(fp32 GEMM summed in fp64). Cost ~ G·d·p·(N'·T + S²); only an (S, tile) slab and an
+(fp32 GEMMs over at most GRAM_CHUNK columns, summed in fp64). Cost ~ G·d·p·(N'·T + S²); only an (S, tile) slab and an
 (n, tile) slab of row tiles ever exist, never (S, d, p) for the whole layer. Ignored rows
 are never read.
 
@@ -39,9 +39,59 @@ A: (n, G, d, T) and D: (n, G, p, T) for the rows ``idx`` (a slice or an index te
 position-last, so a conv's patches and its output gradient are views). Conv unfolds
 patches chunk by chunk there; its whole-weight tiles (``row_tiles``, ``segment_tile``)
 come from the convolution's own weight-gradient kernel instead, without patches (conv.py).
+
+Cancellation: ghost entries no worse than explicit ones. The ghost forms K_st from
+F_s·F_t products; when a segment's outer products D_f A_fᵀ cancel (near-equal positions
+under output gradients of alternating sign, a segment of opposing rows) each product is
+far larger than their sum and its rounding survives the sum. Linear(128, 128) on 4
+near-equal positions per row, |g_r| ~ 5e-5·Σ_t|A_t||D_t|: the fp32 ghost was 5.8 off
+(relative Frobenius) with negative diagonal entries, the explicit path, which rounds
+X_s = Σ_f D_f A_fᵀ once and then squares it, 8e-6.
+
+Model: rounding errors independent with mean zero, so that a reduction of k terms is off
+by ~sqrt(k)·u times the norm of its terms (Higham & Mary, SIAM J. Sci. Comput. 41, 2019;
+the worst case k·u is never met, and the two paths' worst-case bounds differ by constants
+that swamp the comparison). With x_fg = |A_fg|·|D_fg| and Q_s = Σ_{f in s, g} x_fg²:
+
+    ghost     A_fg·A_qg and D_fg·D_qg (d and p terms) are off by ~sqrt(d)·u_g|A_fg||A_qg|
+              and ~sqrt(p)·u_g|D_fg||D_qg|, independently for every pair (f, q); summed
+              over f in s, q in t, g:   |dK_st| ~ sqrt(d + p)·u_g·sqrt(Q_s Q_t)
+    explicit  K_st = <X_s, X_t> reduces k >= d + p terms (a tile) and is off by at least
+              ~sqrt(k)·u_e·|g_s||g_t| (X_s's own rounding only adds): on the diagonal
+              |dK_ss| >= sqrt(d + p)·u_e·K_ss
+
+so on the diagonal ghost/explicit <= (u_g/u_e)/κ_s, κ_s = K_ss/Q_s: ~1 for summands that
+do not cancel (exactly 1 for one position of one row), tiny when they do. Segment s is
+*weak* when K_ss < τ·Q_s, τ = (u_g/u_e)/R, R = GHOST_ERROR_RATIO = 2. Measured over 4500
+random inputs mixing cancelling and sound rows (d, p in [3, 200], T in [1, 8], one- and
+multi-row segments): the ghost Gram within 3.9 (Frobenius), 2.1 (largest entry over
+sqrt(K_ss K_tt)) times the explicit path's error plus u·|K|.
+
+Off the diagonal a weak s spoils its whole row: against a sound t the explicit error is
+the projection of X_s's rounding on X_t, measured 15x below the ghost's. So the rows *and
+columns* of the weak segments W are redone with fp64 products (rows W of the slabs
+against all F flat rows: κ·F_W·F·G·(d+p), κ = fp64/fp32 GEMM time, ``_fp64_slowdown``)
+when that costs less than the explicit path, G·d·p·(F + S²); otherwise, and for fp64 rows
+(no higher precision), the layer's whole Gram is explicit. fp64 products have weak
+segments of their own: against fp32 tiles, whose result carries at least u_e·K_ss, the
+fp64 ghost's sqrt(d + p)·u_64·Q_s stays within R while K_ss >= τ_64·Q_s, τ_64 =
+(u_64/u_e)·sqrt(d + p)/R (1.5e-8 for d = p = 128); the block of segments weak in fp64 too
+is explicit (their entries with the others keep fp64 products, off by ~sqrt((d+p)·k)·u_64/
+u_e ~ 1e-5 of the explicit's). precision="high" starts in fp64.
+
+The test needs no extra pass: |A_fg|², |D_fg|² are the diagonals of the ghost's own slabs
+A·Aᵀ, D·Dᵀ, and K_ss is the ghost diagonal (known to ~sqrt(d + p)·u·Q_s, so κ_s is read to
+that). Never a negative diagonal: a kept K_ss passed K_ss >= τ·Q_s >= 0, a redone one
+passed the fp64 test or comes from the explicit path, whose diagonal adds squares.
+
+The bias gradient of s is Σ_{f in s} D_f; its ghost Gram Pᵀ[D Dᵀ]P has the same model with
+Q_s = Σ_{f in s} |D_f|² and dot length G·p. Its explicit Gram (segment sums of the per-row
+bias gradients, ~N·T·G·p) costs less than the ghost pass, so the bias is held to R = 1
+and its weak rows and columns come from that.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import partial
 from typing import Protocol
@@ -82,6 +132,10 @@ class MatrixRows(Protocol):
 
     def held(self) -> int:
         """Elements of the recorded tensors of the call (its input and output gradient)."""
+
+    def bias_rows(self) -> torch.Tensor:
+        """(N, G·p) per-row bias gradients Σ over each row's positions of D (layers with a
+        bias: ``gram_ghost(..., bias=True)`` reads it for weak segments)."""
 
 
 def row_tiles_from_chunk(rows: MatrixRows, idx, p0: int, p1: int, d0: int, d1: int, out=None) -> torch.Tensor:
@@ -202,6 +256,26 @@ def storable(calls: Sequence[MatrixRows], seg: Segments, opts: GramOptions) -> b
     return seg.S * c0.G * c0.p * c0.d <= max(opts.budget, sum(c.held() for c in calls))
 
 
+#: longest fp32 reduction of the explicit path's X·Xᵀ (``_tiles_gram``)
+GRAM_CHUNK = 1 << 15
+
+
+def _tiles_gram(X: torch.Tensor, precision: str) -> torch.Tensor:
+    """fp64 (S, S) Gram of segment tiles X: (S, k), in column chunks of at most GRAM_CHUNK
+    summed in fp64. A BLAS reduction of k terms in fp32 is off by up to ~(k/k_c)·u relative
+    (k_c its inner block) on the positive diagonal: one (1 x 2^20) tile, the shape a
+    one-segment layer of 1024 x 1024 gets, measured 2.3e-5 unchunked, 3.9e-8 in chunks of
+    2^15 (0.10 ms -> 0.25 ms); a (65 x 2^16) one 5.4e-7 -> 2.4e-7 for +7% time. So no
+    Gram is less accurate for having fewer segments (the ghost's weak blocks, a small S)."""
+    k = X.shape[1]
+    if precision == "high" or X.dtype == torch.float64 or k <= GRAM_CHUNK:
+        return gram_of_segment_tiles(X, precision)
+    K = gram_of_segment_tiles(X[:, :GRAM_CHUNK], precision)
+    for c0 in range(GRAM_CHUNK, k, GRAM_CHUNK):
+        K += gram_of_segment_tiles(X[:, c0 : c0 + GRAM_CHUNK], precision)
+    return K
+
+
 def gram_explicit(
     calls: Sequence[MatrixRows], seg: Segments, opts: GramOptions, keep: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -252,7 +326,7 @@ def gram_explicit(
                             X[s] = tile
                         else:
                             X[s] += tile
-            K += gram_of_segment_tiles(X.reshape(S, -1), opts.precision)
+            K += _tiles_gram(X.reshape(S, -1), opts.precision)
     return K, (X.reshape(S, -1) if keep else None)
 
 
@@ -270,43 +344,171 @@ def _add_segment_sums(K: torch.Tensor, M: torch.Tensor, row_ids: torch.Tensor, c
     K.index_add_(1, col_ids, R)
 
 
-def gram_ghost(
-    calls: Sequence[MatrixRows], seg: Segments, opts: GramOptions, bias: bool = False
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Ghost Gram (module docstring), in (block x F) slabs accumulated in fp64: the weight's
-    (S, S), and with ``bias`` also the bias's, Pᵀ [Σ_g D_g D_gᵀ] P (a bias row's gradient
-    is Σ over its positions of D), from the D·D products the weight needs anyway."""
+#: R of the cancellation test (module docstring, "Cancellation"): a ghost entry is kept
+#: while its expected rounding error is at most R times the explicit path's; the bias,
+#: whose explicit Gram costs less than its ghost pass, is held to R = 1
+GHOST_ERROR_RATIO = 2.0
+
+
+def _unit(dtype: torch.dtype) -> float:
+    """Unit roundoff u of dtype (2^-24 for fp32, 2^-53 for fp64)."""
+    return torch.finfo(dtype).eps / 2
+
+
+def _fp64_slowdown(device: torch.device) -> float:
+    """κ: an fp64 GEMM's time over an fp32 one's. 2 on CPUs (measured, AMD EPYC, one thread:
+    (128 x 1024)·(1024 x 128) 0.33 ms fp32, 0.70 ms fp64) and on data-center GPUs with full
+    fp64 (P100, V100, A100, H100/H200, B200: sm_60/70/80/90/100); 64 on the others (fp64 at
+    1/32..1/64 of fp32)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 2.0 if minor == 0 and major in (6, 7, 8, 9, 10) else 64.0
+    return 2.0
+
+
+def _tau(ghost: torch.dtype, explicit: torch.dtype, length: int, ratio: float = GHOST_ERROR_RATIO) -> float:
+    """τ of the cancellation test K_ss >= τ·Q_s for a ghost whose dot products (``length``
+    = d + p terms) are in ``ghost``, against explicit tiles in ``explicit`` (module
+    docstring): (u_g/u_e)/R in one precision, (u_g/u_e)·sqrt(length)/R for an fp64 ghost
+    against fp32 tiles."""
+    ug, ue = _unit(ghost), _unit(explicit)
+    return ug / ue / ratio * (1.0 if ug >= ue else math.sqrt(length))
+
+
+def _sub_segments(seg: Segments, which: torch.Tensor) -> Segments:
+    """Segments of the rows in segments ``which`` (w,), renumbered 0..w-1 in that order;
+    every other row ignored (-1)."""
+    dev = which.device
+    remap = torch.full((seg.S + 1,), -1, dtype=torch.long, device=dev)
+    remap[which] = torch.arange(which.numel(), device=dev)
+    return Segments(remap[seg.ext_on(dev)], which.numel())
+
+
+def _flat_rows(calls: Sequence[MatrixRows], seg: Segments, opts: GramOptions):
+    """A: (F, G, d), D: (F, G, p), ids: (F,) of the kept rows' positions over all calls (the
+    flat rows), or None when there are none."""
     c0 = calls[0]
-    S, G = seg.S, c0.G
-    K = torch.zeros((S, S), dtype=torch.float64, device=c0.device)
-    Kb = torch.zeros((S, S), dtype=torch.float64, device=c0.device) if bias else None
+    G, dev = c0.G, c0.device
     rows = max(1, opts.budget // max(1, c0.T * G * (c0.d + c0.p)))
     As, Ds, flat = [], [], []
     for c in calls:
-        for j, (idx, ids) in enumerate(kept_chunks(seg, c0.device, rows)):
+        for j, (idx, ids) in enumerate(kept_chunks(seg, dev, rows)):
             A, D = c.chunk(idx)
             n, T = A.shape[0], A.shape[-1]
             As.append(A.permute(0, 3, 1, 2).reshape(n * T, G, c.d))
             Ds.append(D.permute(0, 3, 1, 2).reshape(n * T, G, c.p))
-            flat.append(seg.memo(("flat_ids", c0.device, rows, j, T), partial(_flat_ids, ids, T)))
-    if S == 0 or not As:
-        return K, Kb
-    dtype = torch.float64 if opts.precision == "high" else c0.dtype
-    A = (As[0] if len(As) == 1 else torch.cat(As)).to(dtype)  # [F, G, d]
-    D = (Ds[0] if len(Ds) == 1 else torch.cat(Ds)).to(dtype)  # [F, G, p]
-    ids = flat[0] if len(flat) == 1 else torch.cat(flat)  # [F] segment of each flat row
-    F = A.shape[0]
+            flat.append(seg.memo(("flat_ids", dev, rows, j, T), partial(_flat_ids, ids, T)))
+    if not As:
+        return None
+    A = As[0] if len(As) == 1 else torch.cat(As)
+    D = Ds[0] if len(Ds) == 1 else torch.cat(Ds)
+    return A, D, (flat[0] if len(flat) == 1 else torch.cat(flat))
+
+
+def _ghost_slabs(A, D, ids, S: int, opts: GramOptions, dtype: torch.dtype, bias: bool, sel=None):
+    """Ghost sums with products in ``dtype`` over flat rows A (F, G, d), D (F, G, p) of
+    segments ids (F,), in (block x F) slabs accumulated in fp64: (K, Kb, Q, Qb).
+
+    K (S, S) = Pᵀ[(A Aᵀ) ∘ (D Dᵀ)]P summed over groups; Kb (S, S) = Pᵀ[D Dᵀ]P (with
+    ``bias``, else None); Q (S,) = Σ_{f in s, g} |A_fg|²|D_fg|², Qb (S,) = Σ_{f in s} |D_f|²
+    (the cancellation test's sums, module docstring), from the slabs' diagonals. With
+    ``sel`` (m,) flat-row indices, only the rows sel of the slabs are formed: K and Kb hold
+    the rows of the segments of sel (their columns all segments), Q and Qb are None."""
+    G, F = A.shape[1], A.shape[0]
+    dev = A.device
+    A, D = A.to(dtype), D.to(dtype)
     At, Dt = A.permute(1, 2, 0), D.permute(1, 2, 0)  # [G, d, F], [G, p, F]
+    Ar, Dr, rid = (A, D, ids) if sel is None else (A[sel], D[sel], ids[sel])
+    K = torch.zeros((S, S), dtype=torch.float64, device=dev)
+    Kb = torch.zeros((S, S), dtype=torch.float64, device=dev) if bias else None
+    Q = torch.zeros(S, dtype=torch.float64, device=dev) if sel is None else None
+    Qb = torch.zeros(S, dtype=torch.float64, device=dev) if bias and sel is None else None
     blk = max(1, opts.budget // (G * F))
-    for i0 in range(0, F, blk):
-        i1 = min(F, i0 + blk)
-        Ma = torch.matmul(A[i0:i1].transpose(0, 1), At).double()  # [G, b, F]  A_f · A_q
-        Md = torch.matmul(D[i0:i1].transpose(0, 1), Dt).double()  # [G, b, F]  D_f · D_q
-        M = (Ma * Md).sum(0)  # [b, F]
-        _add_segment_sums(K, M, ids[i0:i1], ids)
+    for i0 in range(0, Ar.shape[0], blk):
+        i1 = min(Ar.shape[0], i0 + blk)
+        Ma = torch.matmul(Ar[i0:i1].transpose(0, 1), At).double()  # [G, b, F]  A_f · A_q
+        Md = torch.matmul(Dr[i0:i1].transpose(0, 1), Dt).double()  # [G, b, F]  D_f · D_q
+        _add_segment_sums(K, (Ma * Md).sum(0), rid[i0:i1], ids)
         if bias:
-            _add_segment_sums(Kb, Md.sum(0), ids[i0:i1], ids)
-    return 0.5 * (K + K.T), (None if Kb is None else 0.5 * (Kb + Kb.T))
+            _add_segment_sums(Kb, Md.sum(0), rid[i0:i1], ids)
+        if sel is None:
+            a2 = Ma.diagonal(offset=i0, dim1=1, dim2=2)  # [G, b]  |A_fg|²
+            d2 = Md.diagonal(offset=i0, dim1=1, dim2=2)  # [G, b]  |D_fg|²
+            Q.index_add_(0, rid[i0:i1], (a2 * d2).sum(0))
+            if bias:
+                Qb.index_add_(0, rid[i0:i1], d2.sum(0))
+    return K, Kb, Q, Qb
+
+
+def _weak(K: torch.Tensor, Q: torch.Tensor, tau: float) -> torch.Tensor:
+    """(w,) segments whose ghost diagonal fails K_ss >= τ·Q_s (module docstring)."""
+    return (K.diagonal() < tau * Q).nonzero().flatten()
+
+
+def gram_ghost(
+    calls: Sequence[MatrixRows], seg: Segments, opts: GramOptions, bias: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Ghost Gram (module docstring): the weight's fp64 (S, S), and with ``bias`` also the
+    bias's, Pᵀ [Σ_g D_g D_gᵀ] P (a bias row's gradient is Σ over its positions of D), from
+    the D·D products the weight needs anyway.
+
+    Cancellation (module docstring): the rows and columns of weak segments W (K_ss < τ·Q_s)
+    are redone with fp64 products, and the block of those still weak in fp64 explicitly;
+    where fp64 products are not available or cost more than the explicit path, the layer's
+    whole Gram is explicit. A weak bias segment makes the bias's whole Gram explicit."""
+    c0 = calls[0]
+    S, G, d, p = seg.S, c0.G, c0.d, c0.p
+    K = torch.zeros((S, S), dtype=torch.float64, device=c0.device)
+    Kb = torch.zeros_like(K) if bias else None
+    flat = _flat_rows(calls, seg, opts) if S else None
+    if flat is None:
+        return K, Kb
+    A, D, ids = flat
+    dtype = torch.float64 if opts.precision == "high" else c0.dtype
+    K, Kb, Q, Qb = _ghost_slabs(A, D, ids, S, opts, dtype, bias)
+    K = 0.5 * (K + K.T)
+    weak = _weak(K, Q, _tau(dtype, c0.dtype, d + p))
+    if weak.numel():
+        F = A.shape[0]
+        sel = torch.isin(ids, weak).nonzero().flatten()  # flat rows of weak segments
+        if dtype == torch.float64 and _unit(dtype) < _unit(c0.dtype):
+            W = weak  # precision="high": the products are fp64 already
+        elif dtype != torch.float64 and _fp64_slowdown(c0.device) * sel.numel() * F * (d + p) < d * p * (F + S**2):
+            K64 = _ghost_slabs(A, D, ids, S, opts, torch.float64, False, sel)[0]
+            K[weak] = K64[weak]
+            K[:, weak] = K64[weak].T
+            W = weak[_weak(K[weak][:, weak], Q[weak], _tau(torch.float64, c0.dtype, d + p))]
+        else:  # no higher precision, or it costs more than the explicit path
+            W = None
+        if W is None:
+            K = gram_explicit(calls, seg, opts)[0]
+        elif W.numel():
+            Kw = gram_explicit(calls, _sub_segments(seg, W), opts)[0]
+            K[W.unsqueeze(1), W] = Kw
+        K = 0.5 * (K + K.T)
+    if bias:
+        Kb = 0.5 * (Kb + Kb.T)
+        weak_b = _weak(Kb, Qb, _tau(dtype, c0.dtype, G * p, ratio=1.0))
+        if weak_b.numel():
+            _explicit_bias_rows(calls, seg, Kb, weak_b, opts.precision)
+    return K, Kb
+
+
+def _explicit_bias_rows(
+    calls: Sequence[MatrixRows], seg: Segments, Kb: torch.Tensor, which: torch.Tensor, precision: str
+) -> None:
+    """Rows and columns ``which`` (w,) of the bias Gram Kb (S, S), in place, from the
+    explicit segment sums Xb (S, G·p) of the per-row bias gradients: Kb[which] = Xb[which]·Xbᵀ
+    (the explicit path's arithmetic; its diagonal a sum of squares)."""
+    dev = Kb.device
+    rows = sum(c.bias_rows() for c in calls)  # [N, G·p]
+    kept = seg.kept_on(dev)
+    Xb = rows.new_zeros((seg.S, rows.shape[1])).index_add_(0, seg.ids_on(dev)[kept], rows[kept])  # [S, G·p]
+    if precision == "high":
+        Xb = Xb.double()
+    R = (Xb[which] @ Xb.T).double()  # [w, S]
+    Kb[which] = R
+    Kb[:, which] = R.T
 
 
 class MatrixRule(Rule):
