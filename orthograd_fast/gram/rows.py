@@ -275,9 +275,18 @@ class RowModel:
         return self.calls.get((id(module), k))
 
 
+def _fields(x) -> list[str]:
+    """Attribute names of a plain output object (``out.logits``) holding tensors, sorted."""
+    d = getattr(x, "__dict__", None)
+    if d is None or isinstance(x, (nn.Module, type)):
+        return []
+    return sorted(k for k, v in d.items() if isinstance(v, (torch.Tensor, tuple, list, Mapping)))
+
+
 def flat(obj) -> list:
     """Leaves of a nested output or argument structure; mappings (Hugging Face
-    ``ModelOutput`` and other dict subclasses) are opened by value."""
+    ``ModelOutput`` and other dict subclasses) are opened by value, plain objects by their
+    tensor attributes (sorted by name)."""
     leaves = tree_flatten(obj)[0]
     out = []
     for x in leaves:
@@ -285,6 +294,8 @@ def flat(obj) -> list:
             out.extend(flat(list(x.values())))
         elif isinstance(x, (tuple, list)):
             out.extend(flat(list(x)))
+        elif not isinstance(x, torch.Tensor) and _fields(x):
+            out.extend(flat([getattr(x, k) for k in _fields(x)]))
         else:
             out.append(x)
     return out
@@ -309,6 +320,8 @@ def alias_leaves(obj):
         if isinstance(obj, list):
             return vals
         return type(obj)(*vals) if hasattr(obj, "_fields") else type(obj)(vals)
+    for k in _fields(obj):
+        setattr(obj, k, alias_leaves(getattr(obj, k)))
     return obj
 
 
@@ -356,14 +369,13 @@ class _BufferState:
                     b.copy_(copy)
 
 
-def _pick_rows(leaves: list, batched: list[int], N: int, gen: torch.Generator) -> tuple[int, int] | None:
-    """(r0, r1): a row and another row that differs from it in some per-row input."""
+def _pick_rows(leaves: list, batched: list[int], N: int, gen: torch.Generator) -> tuple[int, list[int]]:
+    """(r0, [r1, ...]): a row, and the other rows that differ from it in some per-row input
+    (at most 4, the candidates for run B's replacement)."""
     order = torch.randperm(N, generator=gen).tolist()
     r0 = order[0]
-    for r1 in order[1:]:
-        if any(not torch.equal(leaves[i][r0], leaves[i][r1]) for i in batched):
-            return r0, r1
-    return None
+    others = [r1 for r1 in order[1:] if any(not torch.equal(leaves[i][r0], leaves[i][r1]) for i in batched)]
+    return r0, others[:4]
 
 
 def _perturb(leaves: list, batched: list[int], r0: int, r1: int | None, gen: torch.Generator) -> list:
@@ -483,6 +495,33 @@ class RowCheckError(ValueError):
     """The row check cannot tell the rows of the batch apart (module docstring)."""
 
 
+def _root_outputs(out_a: list, out_b: list, N: int, r0: int, gen: torch.Generator):
+    """Row layouts of the model's output leaves (run A against run B), the leaves that get a
+    cotangent, their cotangents E (random on row r0's slice, zero elsewhere), and the
+    outputs whose change reached other rows (a description each)."""
+    layouts: list[Layout | None] = []
+    outs, cots, spread = [], [], []
+    for j, (ya, yb) in enumerate(zip(out_a, out_b)):
+        L = None
+        if isinstance(ya, torch.Tensor) and isinstance(yb, torch.Tensor) and ya.dim() > 0:
+            m = changed(ya.detach(), yb)
+            v = classify(m, N, r0) if m is not None else None
+            if v is not None and v.kind == SPREAD:
+                spread.append(f"output {j} {tuple(ya.shape)}")
+            if v is not None and v.kind == LAYOUT:
+                L = v.layouts[0]
+            elif v is not None and v.kind == AMBIGUOUS and DIM0 in v.layouts:
+                L = DIM0  # the contract decides between layouts the check cannot tell apart
+        layouts.append(L)
+        if L is not None and ya.requires_grad and ya.is_floating_point():
+            E = torch.zeros_like(ya)
+            Er = L.rows(E, N)[r0]  # a view of row r0's slice
+            Er.copy_(torch.randn(Er.shape, generator=gen, dtype=torch.float64))
+            outs.append(ya)
+            cots.append(E)
+    return layouts, outs, cots, spread
+
+
 def check_rows(model: nn.Module, watched: dict[nn.Module, str], args: tuple, kwargs: dict, N: int,
                seed: int = 0, tracer=None, verify=None) -> RowModel:
     """Run the row check (module docstring) on one call ``model(*args, **kwargs)`` of N
@@ -509,71 +548,63 @@ def check_rows(model: nn.Module, watched: dict[nn.Module, str], args: tuple, kwa
             "inputs (a module that takes its batch in another dim, e.g. nn.MultiheadAttention or nn.LSTM "
             "with batch_first=False, is served inside a model whose inputs have the rows in dim 0)"
         )
-    picked = _pick_rows(leaves, batched, N, gen)
-    if picked is None:
-        if not any(leaves[i].is_floating_point() for i in batched):
-            raise RowCheckError(
-                "every row of the batch has the same inputs, so the row check cannot tell them apart; "
-                "record a batch with at least two different rows"
-            )
-        r0, r1 = int(torch.randint(0, N, (1,), generator=gen)), None
-    else:
-        r0, r1 = picked
-    perturbed = _perturb(leaves, batched, r0, r1, gen)
+    r0, replacements = _pick_rows(leaves, batched, N, gen)
+    floats = any(leaves[i].is_floating_point() for i in batched)
+    if not replacements and not floats:
+        raise RowCheckError(
+            "every row of the batch has the same inputs, so the row check cannot tell them apart; "
+            "record a batch with at least two different rows"
+        )
+    # run B's candidates: another row's inputs (a row whose inputs give the same outputs, e.g.
+    # a permutation of the same tokens under a pooling, is followed by the next), then noise
+    attempts = replacements + ([None] if floats else [])
     params = [p for p in model.parameters() if p.requires_grad]
     devices = sorted({x.device.index or 0 for x in leaves if isinstance(x, torch.Tensor) and x.is_cuda})
     buffers = _BufferState(model)
-    rec = _Recorder(watched, N, r0)
-    rec.install()
+    rec = None
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             state = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
-            rec.start("B")
-            a, kw = tree_unflatten(perturbed, spec)
-            try:
-                out_b = [y.detach() if isinstance(y, torch.Tensor) else y for y in flat(model(*a, **kw))]
-            except Exception as e:
+
+            def rewind():
                 buffers.restore()
                 torch.set_rng_state(state[0])
-                with torch.no_grad():
-                    model(*args, **kwargs)  # the real inputs fail too: the model's own error, raised as is
-                raise RowCheckError(
-                    f"the model failed on the batch with row {r0}'s inputs replaced by row {r1}'s "
-                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): an input with {N} "
-                    "entries in dim 0 is not per-row data (EmbeddingBag offsets, lengths or indices into "
-                    "another input); compute it inside the model from per-row data, or pass it with "
-                    "another leading size"
-                ) from e
-            buffers.restore()
-            torch.set_rng_state(state[0])
-            for d, s in zip(devices, state[1]):
-                torch.cuda.set_rng_state(s, d)
-            rec.start("A")
-            if tracer is not None:
-                with tracer:
+                for d, st in zip(devices, state[1]):
+                    torch.cuda.set_rng_state(st, d)
+
+            for attempt, r1 in enumerate(attempts):
+                if rec is not None:
+                    rec.remove()
+                rec = _Recorder(watched, N, r0)
+                rec.install()
+                if tracer is not None:
+                    tracer.reset()
+                rec.start("B")
+                a, kw = tree_unflatten(_perturb(leaves, batched, r0, r1, gen), spec)
+                try:
+                    out_b = [y.detach() if isinstance(y, torch.Tensor) else y for y in flat(model(*a, **kw))]
+                except Exception as e:
+                    rewind()
+                    with torch.no_grad():
+                        model(*args, **kwargs)  # the real inputs fail too: the model's own error, raised as is
+                    raise RowCheckError(
+                        f"the model failed on the batch with row {r0}'s inputs replaced by another row's "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): an input with {N} "
+                        "entries in dim 0 is not per-row data (EmbeddingBag offsets, lengths or indices into "
+                        "another input); compute it inside the model from per-row data, or pass it with "
+                        "another leading size"
+                    ) from e
+                rewind()
+                rec.start("A")
+                if tracer is not None:
+                    with tracer:
+                        out_a = flat(model(*args, **kwargs))
+                else:
                     out_a = flat(model(*args, **kwargs))
-            else:
-                out_a = flat(model(*args, **kwargs))
-            layouts: list[Layout | None] = []
-            outs, cots, spread = [], [], []
-            for j, (ya, yb) in enumerate(zip(out_a, out_b)):
-                L = None
-                if isinstance(ya, torch.Tensor) and isinstance(yb, torch.Tensor) and ya.dim() > 0:
-                    m = changed(ya.detach(), yb)
-                    v = classify(m, N, r0) if m is not None else None
-                    if v is not None and v.kind == SPREAD:
-                        spread.append(f"output {j} {tuple(ya.shape)}")
-                    if v is not None and v.kind == LAYOUT:
-                        L = v.layouts[0]
-                    elif v is not None and v.kind == AMBIGUOUS and DIM0 in v.layouts:
-                        L = DIM0  # the contract decides between layouts the check cannot tell apart
-                layouts.append(L)
-                if L is not None and ya.requires_grad and ya.is_floating_point():
-                    E = torch.zeros_like(ya)
-                    Er = L.rows(E, N)[r0]  # a view of row r0's slice
-                    Er.copy_(torch.randn(Er.shape, generator=gen, dtype=torch.float64))
-                    outs.append(ya)
-                    cots.append(E)
+                layouts, outs, cots, spread = _root_outputs(out_a, out_b, N, r0, gen)
+                if outs or spread or attempt + 1 == len(attempts):
+                    break
+                rewind()  # no output moved (r1's inputs give r0's outputs): the next replacement
             if not outs and spread:
                 raise RowCheckError(
                     f"the rows of the batch interact: changing the inputs of row {r0} alone changed other rows "
@@ -591,7 +622,8 @@ def check_rows(model: nn.Module, watched: dict[nn.Module, str], args: tuple, kwa
             if verify is not None:
                 trace_problem = verify(r0, {id(p): g for p, g in zip(params, grads)})
     finally:
-        rec.remove()
+        if rec is not None:
+            rec.remove()
         buffers.restore()
         if tracer is not None:
             tracer.close()

@@ -155,6 +155,15 @@ class ParamTracer(TorchFunctionMode):
         if self.active:
             use.grads[j] = g if j not in use.grads else use.grads[j] + g
 
+    def reset(self) -> None:
+        """Forget every recorded use (a fresh trace of the next forward)."""
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.uses.clear()
+        self.problem = None
+        self.active = True
+
     def close(self) -> None:
         self.active = False
         for h in self.handles:
