@@ -7,8 +7,8 @@ the parameters θ it must serve, each recorded call y = M(args) with output grad
     g_r(θ) = ∂/∂θ < M_θ(args_r), D_r >        (args_r, D_r: row r, batch dim kept as 1)
 
 computed by ``vmap(grad(...))`` over rows with ``functional_call`` (every other parameter
-and buffer fixed at its current value, detached). Rows independent ⇒ Σ_r g_r is the
-gradient autograd delivered, and g_s = Σ_{r in s} g_r exactly. Cost: one vmapped
+fixed at its current value, detached; buffers as copies, "Side effects" below). Rows
+independent ⇒ Σ_r g_r is the gradient autograd delivered, and g_s = Σ_{r in s} g_r exactly. Cost: one vmapped
 forward + backward of M, and an (N, numel) buffer per served parameter. A module that
 torch.func cannot vmap (nn.LSTM/GRU, which write into unbatched hidden state) gets the
 same row losses through one autograd pass per row, with a warning.
@@ -20,10 +20,35 @@ everything else (masks, tables, flags, a shared (L, L) attention mask even when 
 passed whole; output gradients are read at their measured rows, and each row's output
 must have exactly the shape of its gradient (no silent broadcast). Randomness inside M (dropout in train mode)
 cannot be replayed per row and is refused with a clear error.
+
+Side effects. The recorded forward already did whatever M does to its state; the re-runs
+(one vmapped call, or N row passes) must add nothing, or a step with the fallback leaves
+the model elsewhere than a plain step (InstanceNorm1d(track_running_stats=True) in train
+mode, looped over 6 rows: running_mean 4.1x off, eval logits moved 25%). So:
+
+* buffers: ``functional_call`` runs M on the tensors it is given, and an in-place update
+  (running statistics, counters, caches) lands in the tensor passed, not in M's own: M
+  gets copies (one clone of each buffer per ``per_row_grads``), so its buffers keep their
+  values and version counters (autograd may have saved them);
+* the global RNG state (CPU, and every CUDA device M's tensors are on) is restored, also
+  when a draw made the re-run refuse;
+* plain attributes a forward sets (``self.last_shape = x.shape``, the computed ``weight``
+  of an old-style weight_norm hook) are put back as the recorded forward left them:
+  every submodule's ``__dict__`` entries are restored and new ones removed;
+* parameters are passed as aliases (a copy of every weight per step would cost a model's
+  memory): a module that writes into its own parameters during forward has them written
+  again by the re-runs, which cannot be undone; that is detected (their version counters
+  moved) and refused.
+
+What a re-run reads of M's state is its value after the recorded forward: a module whose
+output depends on a buffer it updates in the same forward gets a different output in the
+re-run; its per-row gradients then no longer sum to autograd's and the engine's probe
+refuses the step (base.Probe).
 """
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -45,12 +70,20 @@ from .base import (
 
 def per_row_grads(module: nn.Module, names: dict[str, str], calls: list[Call], N: int) -> dict[str, torch.Tensor]:
     """{global name: (N, *shape)} per-row gradients of the parameters ``names`` (local ->
-    global, local relative to ``module``) summed over the recorded calls of ``module``."""
+    global, local relative to ``module``) summed over the recorded calls of ``module``; the
+    module's state is left as the recorded forward left it (module docstring, "Side
+    effects")."""
+    fixed = {k: v.detach() for k, v in module.named_parameters()}
+    # copies: in-place buffer updates of the re-runs land there (module docstring)
+    fixed.update({k: b.detach().clone() for k, b in module.named_buffers()})
+    theta = {loc: fixed[loc] for loc in names}
+    with _no_side_effects(module, calls):
+        return _per_row_grads(module, names, calls, N, fixed, theta)
+
+
+def _per_row_grads(module, names, calls, N, fixed, theta) -> dict[str, torch.Tensor]:
     from torch.func import functional_call, grad, vmap
 
-    fixed = {k: v.detach() for k, v in module.named_parameters()}
-    fixed.update({k: b.detach() for k, b in module.named_buffers()})
-    theta = {loc: fixed[loc] for loc in names}
     out: dict[str, torch.Tensor] = {}
     for call in calls:
         cots = [(i, g) for i, g in enumerate(call.grads) if g is not None]
@@ -127,6 +160,41 @@ def per_row_grads(module: nn.Module, names: dict[str, str], calls: list[Call], N
         for loc, gname in names.items():
             out[gname] = out[gname] + g[loc] if gname in out else g[loc]
     return out
+
+
+_MISSING = object()
+
+
+@contextmanager
+def _no_side_effects(module: nn.Module, calls: list[Call]):
+    """Around the re-runs of ``module``: the global RNG state (CPU and the CUDA devices of its
+    tensors and of the calls' inputs) and every submodule's plain attributes restored on
+    exit, and a ValueError if a parameter was written in place (module docstring, "Side
+    effects")."""
+    tensors = [t for t in module.parameters()] + [t for t in module.buffers()]
+    for call in calls:
+        tensors += [t for t in tree_flatten(call.saved)[0] if isinstance(t, torch.Tensor)]
+    devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    attrs = [(m, dict(m.__dict__)) for m in module.modules()]
+    versions = [(name, p, p._version) for name, p in module.named_parameters()]
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        for m, saved in attrs:
+            now = m.__dict__
+            for k in [k for k in now if k not in saved]:
+                del now[k]
+            for k, v in saved.items():
+                if now.get(k, _MISSING) is not v:
+                    now[k] = v
+    written = [name for name, p, v in versions if p._version != v]
+    if written:
+        raise ValueError(
+            f"SampleGram fallback: {type(module).__name__} writes into its parameters {written} during "
+            "forward, and the per-row re-runs of its forward wrote into them again (this cannot be "
+            "undone: re-load them). Serve this module with a rule, or move the update out of forward."
+        )
 
 
 def _random_error(module: nn.Module) -> ValueError:
