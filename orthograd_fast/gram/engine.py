@@ -268,6 +268,48 @@ class SampleGram(Assignment, Capture, SafetyNet, Fallbacks):
             total += K.to(dev)
         return total
 
+    def segment_grads(self, names=None) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """The per-segment gradients themselves, exact, for the served parameters ``names``
+        (default: all): {name: (X, index)}, X (S, k) in the compute dtype (fp32 at least),
+        index None (X covers the whole flattened parameter, k = numel) or a LongTensor (k,)
+        of the flat entries X covers (every other entry is zero in every segment: an
+        embedding's absent rows). Store mode only.
+
+        Cost: what the Gram avoids — S·k memory per parameter (formed one rule at a time
+        from the recorded inputs and output gradients, or the kept tiles). For the
+        optimizer-aware OrthoGrad step (a preconditioned Gram G·P·Gᵀ, Gᵀ-products with the
+        optimizer's state) and for measuring an update's orthogonality exactly.
+        """
+        step = self._finished_step("segment_grads")
+        if self.mode == "stream":
+            raise ValueError("SampleGram.segment_grads() needs mode='store' (stream mode drops the recorded tensors)")
+        names = list(self._tracked) if names is None else list(names)
+        unknown = [g for g in names if g not in self._tracked]
+        if unknown:
+            raise ValueError(f"SampleGram.segment_grads(): not served parameters {unknown}")
+        S = step.seg.S
+        out: dict[str, tuple] = {}
+        with _no_tf32():
+            for g in names:
+                if g in out:
+                    continue
+                if g in step.tiles:
+                    out[g] = (step.tiles[g], None)
+                elif g in step.seg_grads:
+                    out[g] = (step.seg_grads[g].reshape(S, -1), None)
+                else:
+                    rule = next((r for r in self._rule_list() if g in r.params.values()), None)
+                    calls = step.calls.get(rule, []) if rule is not None else []
+                    if rule is None or not calls:  # no call reached it: zero in every segment
+                        p = self._tracked[g]
+                        out[g] = (torch.zeros((S, p.numel()), dtype=torch.float32 if p.dtype != torch.float64
+                                              else p.dtype, device=p.device), None)
+                        continue
+                    self._check_versions(rule, calls)
+                    got = rule.segment_grads(calls, step.seg, self._opts)
+                    out.update({k: v for k, v in got.items() if k in self._tracked})
+        return {g: out[g] for g in names}
+
     def _weights(self, weights, S: int) -> dict[str, torch.Tensor]:
         def vec(w, what):
             t = torch.as_tensor(w)

@@ -205,6 +205,17 @@ class AttentionRule(Rule):
                 self.methods.update(sub.methods)
         return grams, {}
 
+    def segment_grads(self, calls, seg: Segments, opts: GramOptions):
+        """The projections' per-segment gradients from the graph-read calls (the per-row
+        fallback's are kept by the engine)."""
+        lin = self._linear_calls(calls)
+        out = {}
+        for which in ("in", "out"):
+            sub = self._sub(which)
+            if sub.params and lin is not None:
+                out.update(sub.segment_grads(lin[which], seg, opts))
+        return out
+
     def combine(self, calls, seg: Segments, weights, totals):
         lin = self._linear_calls(calls)
         out = {}

@@ -500,6 +500,13 @@ class Rule:
         ``tiles``: the segment gradients ``grams`` kept, if any."""
         raise NotImplementedError
 
+    def segment_grads(self, calls: list[Call], seg: Segments, opts: GramOptions) -> dict[str, tuple]:
+        """{name: (X, index)}: the per-segment gradients of each served parameter, exact,
+        from the recorded calls: X (S, k) with index None (X is the whole flattened
+        parameter, k = numel) or a LongTensor (k,) of the flat entries X covers (the others
+        are zero in every segment: an embedding's absent rows). ``SampleGram.segment_grads``."""
+        raise NotImplementedError(f"{type(self).__name__} does not form per-segment gradients")
+
     def describe(self) -> dict[str, str]:
         return {g: self.methods.get(g, self.kind) for g in self.params.values()}
 

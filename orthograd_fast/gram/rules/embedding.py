@@ -107,6 +107,26 @@ class EmbeddingRule(Rule):
             K += gram_of_segment_tiles(Z.view(S, -1), opts.precision)
         return {gw: K}
 
+    def segment_grads(self, calls, seg: Segments, opts: GramOptions):
+        """The present vocabulary rows only: X (S, U·E) over the U rows that occur, with
+        their flat entries as the index (the other rows are zero in every segment)."""
+        gw = self.local("weight")
+        flat = self._flat(calls, seg, kept_only=True)
+        if gw is None:
+            return {}
+        E = self.module.weight.shape[1]
+        if flat is None or flat[0].numel() == 0:
+            dev = self.module.weight.device
+            return {gw: (torch.zeros((seg.S, 0), device=dev), torch.zeros(0, dtype=torch.long, device=dev))}
+        v, r, D = flat
+        D = D.to(compute_dtype(D))
+        uniq, inv = torch.unique(v, return_inverse=True)
+        U = uniq.numel()
+        s = seg.ids_on(v.device)[r]
+        X = segment_sum(D, s * U + inv, seg.S * U).view(seg.S, U * E)
+        index = (uniq[:, None] * E + torch.arange(E, device=v.device)).flatten()
+        return {gw: (X, index)}
+
     def combine(self, calls, seg: Segments, weights, totals):
         gw = self.local("weight")
         W = self.module.weight

@@ -104,6 +104,7 @@ from .base import (
     Rule,
     Segments,
     gram_from_row_grads,
+    kept_segment_sum,
     gram_of_segment_tiles,
     probe_row_grads,
     probe_tiles,
@@ -277,10 +278,11 @@ def _tiles_gram(X: torch.Tensor, precision: str) -> torch.Tensor:
 
 
 def gram_explicit(
-    calls: Sequence[MatrixRows], seg: Segments, opts: GramOptions, keep: bool = False
+    calls: Sequence[MatrixRows], seg: Segments, opts: GramOptions, keep: bool = False, need_gram: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Explicit flash-Gram (module docstring): fp64 (S, S) Gram, and with ``keep`` the
-    segment gradients X: (S, G·p·d) (one tile for the whole layer), else None.
+    segment gradients X: (S, G·p·d) (one tile for the whole layer), else None. With
+    ``need_gram=False`` (and ``keep``) only X is formed; the Gram returned is zeros.
 
     Tiles over p and d. One-row segments get their tile from a batched GEMM over rows,
     written straight into X when their ids are one contiguous run (one call); a multi-row
@@ -326,7 +328,8 @@ def gram_explicit(
                             X[s] = tile
                         else:
                             X[s] += tile
-            K += _tiles_gram(X.reshape(S, -1), opts.precision)
+            if need_gram or not keep:
+                K += _tiles_gram(X.reshape(S, -1), opts.precision)
     return K, (X.reshape(S, -1) if keep else None)
 
 
@@ -547,6 +550,18 @@ class MatrixRule(Rule):
             pr.add(probe_tiles(pr, tiles[gb]), noise2, count)
         else:
             probe_row_grads(pr, self._bias_rows(rows), noise2, count)
+
+    def segment_grads(self, calls, seg: Segments, opts: GramOptions):
+        """{name: (X (S, numel), None)}: the weight's per-segment gradients from the explicit
+        path's tiles (one tile for the layer), the bias's from its per-row gradients."""
+        rows = self._rows(calls)
+        out = {}
+        gw, gb = self.local("weight"), self.local("bias")
+        if gw is not None and rows:
+            out[gw] = (gram_explicit(rows, seg, opts, keep=True, need_gram=False)[1], None)
+        if gb is not None and rows:
+            out[gb] = (kept_segment_sum(self._bias_rows(rows), seg), None)
+        return out
 
     def grams(self, calls, seg: Segments, opts: GramOptions, tiles=None):
         rows = self._rows(calls)

@@ -27,6 +27,7 @@ from .base import (
     Segments,
     compute_dtype,
     gram_from_row_grads,
+    kept_segment_sum,
     probe_row_grads,
     probe_tiles,
     register_rule,
@@ -104,6 +105,10 @@ class _NormRule(Rule):
             out[g] = gram_from_row_grads(rows, seg, opts.precision, tiles, g)
             self.methods[g] = f"{self.kind}:explicit"
         return out
+
+    def segment_grads(self, calls, seg: Segments, opts: GramOptions):
+        return {self.local(local): (kept_segment_sum(rows, seg), None)
+                for local, (rows, _, _) in self._row_grads(calls).items()}
 
     def combine(self, calls, seg: Segments, weights, totals):
         out = {}
