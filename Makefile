@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo demo-fmnist bench bench-gram data clean
+.PHONY: venv test demo demo-fmnist bench bench-gram mutate data clean
 
 # constraints.txt keeps torch at the local CPU wheel whatever a requirement asks for.
 # The editable install's "Editable installation" note is setuptools' InformationOnly
@@ -45,6 +45,17 @@ bench: $(BENCH_STAMP)
 # The SampleGram table of bench/RESULTS.md (issue 3), about 5 minutes.
 bench-gram: $(STAMP)
 	$(PY) bench/bench_sample_gram.py --write
+
+# Mutation testing of the core (cosmic-ray, bench/mutation.toml): each module against its
+# own test files, in a snapshot of one commit (default HEAD; REV=...), so edits in the tree
+# do not interfere. Hours on 2 cores for every module; pick some with MODULES, e.g.
+#   make mutate MODULES="orthograd_fast/linalg.py orthograd_fast/projection.py" JOBS=2
+# Scores and survivors: bench/results/mutation/, bench/RESULTS.md "Mutation testing".
+MODULES ?=
+JOBS    ?= 1
+REV     ?= HEAD
+mutate: $(STAMP)
+	$(PY) bench/mutate.py --rev $(REV) --jobs $(JOBS) $(MODULES)
 
 # Fashion-MNIST from Debian's package (real 60k+10k images under /usr/share/datasets).
 data:
