@@ -107,7 +107,7 @@ def run_module(module: str, tests: list[str], commit: str, work: Path, run_cfg: 
         _snapshot(commit, tree)
     else:
         _restore(commit, tree, module)  # a stopped run may have left a mutant in place
-    missing = [t for t in tests if not (tree / t).exists()]
+    missing = [t for t in tests if not (tree / t.split("::")[0]).exists()]
     if missing:
         print(f"{module}: not in {commit[:12]}, skipped: {missing}", flush=True)
         tests = [t for t in tests if t not in missing]

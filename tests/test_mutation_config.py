@@ -22,7 +22,10 @@ def test_config_names_existing_files_and_every_core_module():
         assert (ROOT / module).is_file(), module
         assert spec["tests"], module
         for t in spec["tests"]:
-            assert (ROOT / t).is_file(), (module, t)
+            path, _, name = t.partition("::")
+            assert (ROOT / path).is_file(), (module, t)
+            if name:
+                assert f"def {name}(" in (ROOT / path).read_text(), (module, t)
     core = ["orthograd_fast/projection.py", "orthograd_fast/linalg.py", "orthograd_fast/_torch_projection.py",
             "orthograd_fast/orthograd.py"]
     core += [str(p.relative_to(ROOT)) for p in (ROOT / "orthograd_fast" / "gram").rglob("*.py")
