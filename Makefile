@@ -50,12 +50,14 @@ bench-gram: $(STAMP)
 # own test files, in a snapshot of one commit (default HEAD; REV=...), so edits in the tree
 # do not interfere. Hours on 2 cores for every module; pick some with MODULES, e.g.
 #   make mutate MODULES="orthograd_fast/linalg.py orthograd_fast/projection.py" JOBS=2
+# or estimate a module's score on a random sample of its mutants: SAMPLE=60.
 # Scores and survivors: bench/results/mutation/, bench/RESULTS.md "Mutation testing".
 MODULES ?=
 JOBS    ?= 1
 REV     ?= HEAD
+SAMPLE  ?=
 mutate: $(STAMP)
-	$(PY) bench/mutate.py --rev $(REV) --jobs $(JOBS) $(MODULES)
+	$(PY) bench/mutate.py --rev $(REV) --jobs $(JOBS) $(if $(SAMPLE),--sample $(SAMPLE)) $(MODULES)
 
 # Fashion-MNIST from Debian's package (real 60k+10k images under /usr/share/datasets).
 data:

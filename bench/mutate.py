@@ -95,7 +95,27 @@ def _write_config(path: Path, module: str, command: str, timeout: float, exclude
     path.write_text("\n".join(lines))
 
 
-def run_module(module: str, tests: list[str], commit: str, work: Path, run_cfg: dict, excluded: list[str]) -> dict:
+def _sample(db: Path, n: int, seed: int) -> None:
+    """Keep a random n of the pending mutants (seeded), mark the rest skipped ("not
+    sampled"): an estimate of a module's score where the full run takes too long."""
+    import random
+
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+    with use_db(str(db), WorkDB.Mode.open) as wdb:
+        pending = sorted(item.job_id for item in wdb.pending_work_items)
+        keep = set(random.Random(seed).sample(pending, min(n, len(pending))))
+        for job in pending:
+            if job not in keep:
+                wdb.set_result(job, WorkResult(output=UNSAMPLED, worker_outcome=WorkerOutcome.SKIPPED))
+
+
+UNSAMPLED = "not sampled"
+
+
+def run_module(module: str, tests: list[str], commit: str, work: Path, run_cfg: dict, excluded: list[str],
+               sample: int | None = None, seed: int = 0) -> dict:
     """Mutation-test one module at one commit; returns the summary (also written to
     bench/results/mutation/)."""
     slug = _slug(module)
@@ -126,6 +146,8 @@ def run_module(module: str, tests: list[str], commit: str, work: Path, run_cfg: 
             subprocess.run([cr, "init", str(cfg), str(db)], cwd=tree, env=env, check=True, stdout=lf, stderr=lf)
             subprocess.run([str(BIN / "cr-filter-operators"), str(db), str(cfg)], cwd=tree, env=env, check=True,
                            stdout=lf, stderr=lf)
+            if sample is not None:
+                _sample(db, sample, seed)
         t1 = time.perf_counter()
         subprocess.run([cr, "exec", str(cfg), str(db)], cwd=tree, env=env, check=True, stdout=lf, stderr=lf)
         exec_s = time.perf_counter() - t1
@@ -138,7 +160,7 @@ def run_module(module: str, tests: list[str], commit: str, work: Path, run_cfg: 
 
 
 def _summarise(module, tests, commit, dump: str, baseline_s, timeout, exec_s) -> dict:
-    counts = {"killed": 0, "survived": 0, "timeout": 0, "incompetent": 0, "pending": 0}
+    counts = {"killed": 0, "survived": 0, "timeout": 0, "incompetent": 0, "pending": 0, "not_sampled": 0}
     survivors = []
     for line in dump.splitlines():
         item, result = json.loads(line)
@@ -146,7 +168,9 @@ def _summarise(module, tests, commit, dump: str, baseline_s, timeout, exec_s) ->
             counts["pending"] += 1
             continue
         if result["worker_outcome"] == "skipped":
-            continue  # a filtered operator
+            if result["output"] == UNSAMPLED:
+                counts["not_sampled"] += 1
+            continue  # else a filtered operator
         outcome = result["test_outcome"]
         if result["worker_outcome"] != "normal" or outcome == "incompetent":
             counts["incompetent"] += 1
@@ -170,7 +194,7 @@ def _summarise(module, tests, commit, dump: str, baseline_s, timeout, exec_s) ->
         "commit": commit,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "tool": "cosmic-ray " + _version(),
-        "mutants": done + counts["incompetent"] + counts["pending"],
+        "mutants": done + counts["incompetent"] + counts["pending"] + counts["not_sampled"],
         **counts,
         "score": round((counts["killed"] + counts["timeout"]) / done, 4) if done else None,
         "baseline_s": round(baseline_s, 1),
@@ -201,6 +225,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rev", default="HEAD", help="the commit to test (default HEAD; uncommitted edits are not seen)")
     ap.add_argument("--work", default="/tmp/orthograd-mutate", help="work folder (snapshots, sessions)")
     ap.add_argument("--jobs", type=int, default=1, help="modules run in parallel")
+    ap.add_argument("--sample", type=int, default=None,
+                    help="run a random N of each module's mutants (an estimate; the rest are 'not_sampled')")
+    ap.add_argument("--seed", type=int, default=0, help="seed of --sample")
     ap.add_argument("--list", action="store_true", help="print the modules and their test files")
     args = ap.parse_args(argv)
     if args.list:
@@ -216,7 +243,8 @@ def main(argv=None) -> int:
     excluded = _excluded_operators(conf["run"]["operators"])
     print(f"mutation testing {len(chosen)} module(s) at {commit[:12]} in {work}", flush=True)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = {pool.submit(run_module, m, modules[m]["tests"], commit, work, conf["run"], excluded): m
+        futures = {pool.submit(run_module, m, modules[m]["tests"], commit, work, conf["run"], excluded,
+                               args.sample, args.seed): m
                    for m in chosen}
         failed = False
         for fut in concurrent.futures.as_completed(futures):
@@ -227,8 +255,10 @@ def main(argv=None) -> int:
                 failed = True
                 print(f"{m}: FAILED: {e}", flush=True)
                 continue
+            sampled = f" (a sample: {s['not_sampled']} not run)" if s["not_sampled"] else ""
             print(f"{m}: {s['killed']} killed, {s['survived']} survived, {s['timeout']} timeout, "
-                  f"{s['incompetent']} incompetent; score {s['score']}; {s['exec_s'] / 60:.1f} min", flush=True)
+                  f"{s['incompetent']} incompetent{sampled}; score {s['score']}; {s['exec_s'] / 60:.1f} min",
+                  flush=True)
             for sv in s["survivors"]:
                 print(f"  survived line {sv['line']}: {sv['operator']} #{sv['occurrence']}", flush=True)
     return 1 if failed else 0

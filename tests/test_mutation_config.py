@@ -51,9 +51,10 @@ def test_summary_counts_a_session_dump():
         line("normal", "survived", "1 passed", diff),
         line("normal", "incompetent"),
         line("skipped", None, "Filtered operator"),
+        line("skipped", None, mutate.UNSAMPLED),
         line(None, None),
     ])
     s = mutate._summarise("m.py", ["t.py"], "abc", dump, 1.0, 30.0, 2.0)
     assert (s["killed"], s["timeout"], s["survived"], s["incompetent"], s["pending"]) == (1, 1, 1, 1, 1)
-    assert s["mutants"] == 5 and s["score"] == round(2 / 3, 4)
+    assert s["not_sampled"] == 1 and s["mutants"] == 6 and s["score"] == round(2 / 3, 4)
     assert s["survivors"][0]["line"] == 7 and s["survivors"][0]["change"] == "if x: -> if not x:"
