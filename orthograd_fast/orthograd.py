@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -44,6 +45,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .linalg import _single_thread
+from .optimizers import describe, is_plain
 from .modes import eval_modes
 
 GRANULARITIES = ("global", "per_tensor")
@@ -210,6 +212,10 @@ class OrthoGrad:
         backend: str = "auto",
         engine=None,
         eval_mode: bool = True,
+        optimizer_aware: bool | str = "auto",
+        measure: bool = False,
+        project_step: bool = False,
+        max_fixed_point_iters: int = 25,
     ):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -228,6 +234,7 @@ class OrthoGrad:
         if not self.named:
             raise ValueError("model has no trainable parameters (requires_grad=True): nothing to unlearn")
         trainable = {id(p) for _, p in self.named}
+        held = set()
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if id(p) not in trainable:
@@ -235,6 +242,23 @@ class OrthoGrad:
                         "the optimizer holds a parameter that is frozen or not in the model; "
                         "OrthoGrad only writes .grad of the model's trainable parameters"
                     )
+                held.add(id(p))
+        # the projection is over the tensors the step moves: those the optimizer holds
+        self.named = [(n, p) for n, p in self.named if id(p) in held]
+        self._numel = {n: p.numel() for n, p in self.named}
+        if not self.named:
+            raise ValueError("the optimizer holds none of the model's trainable parameters: nothing to unlearn")
+        if optimizer_aware not in ("auto", True, False):
+            raise ValueError(f"optimizer_aware must be 'auto', True or False, got {optimizer_aware!r}")
+        if not isinstance(measure, bool):
+            raise ValueError(f"measure must be True or False, got {measure!r}")
+        if isinstance(max_fixed_point_iters, bool) or not isinstance(max_fixed_point_iters, int) or max_fixed_point_iters < 1:
+            raise ValueError(f"max_fixed_point_iters must be a positive int, got {max_fixed_point_iters!r}")
+        if not isinstance(project_step, bool):
+            raise ValueError(f"project_step must be True or False, got {project_step!r}")
+        self.optimizer_aware, self.measure, self.max_iters = optimizer_aware, measure, max_fixed_point_iters
+        self.project_step = project_step
+        self._warned = False
         if rtol is None:
             narrowest = min((p.dtype for _, p in self.named), key=lambda d: torch.finfo(d).bits)
             rtol = DEFAULT_RTOL[narrowest]
@@ -305,6 +329,7 @@ class OrthoGrad:
         xf, yf = _unpack(forget_batch, "forget")
         xr, yr = _unpack(retain_batch, "retain")
         B, Fn = xr.shape[0], xf.shape[0]
+        self._B = B
         per_sample = self.retain_grads == "per_sample"
         nb = B if per_sample else 1
         dev = xr.device
@@ -334,17 +359,84 @@ class OrthoGrad:
             )
 
         try:
-            grams = self.engine.gram(per_tensor=self.granularity == "per_tensor")
+            grams = self.engine.gram(per_tensor=True)
         except FloatingPointError as e:  # the engine's own non-finite check (gram.NonFiniteGramError)
             raise NonFiniteGradientError(str(e)) from e
+        self._check_finite(torch.stack(list(grams.values())))
+        steps, why = self._optimizer_steps()
+        # Adam/AdamW (and, with project_step=True, any optimizer): the step itself is
+        # projected after optimizer.step() (module docstring, "Optimizer-aware")
+        post = (why is None and any(st.adam is not None for st in steps.values())) or (
+            why is not None and self.project_step)
+        aware = why is None and not post and not is_plain(steps)
+        linear = aware and all(st.b is None and st.c is None for st in steps.values())
+        X = None
+        if (aware and not linear) or post or self.measure:
+            X = self.engine.segment_grads(list(grams))
+        if aware:
+            weights, stats, grads = self._aware_step(grams, X, steps, nb, B)
+        else:
+            weights, stats = self._plain_weights(grams, nb, B)
+            grads = None
+        if grads is None and X is not None:
+            grads = {n: self._combine_from(X[n], weights[n] if isinstance(weights, dict) else weights, p)
+                     for n, p in self.named}
+        if grads is None:
+            self.engine.combine(weights)
+        else:
+            for n, p in self.named:
+                p.grad = grads[n].to(p.dtype).view(p.shape)
+        params = [p for _, p in self.named if p.grad is not None]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
+        if not math.isfinite(grad_norm):
+            raise NonFiniteGradientError(f"the OrthoGrad update has a non-finite norm ({grad_norm})")
+        if not aware and self.max_grad_norm is not None and grad_norm > self.max_grad_norm:
+            scale = self.max_grad_norm / grad_norm  # the aware step clipped inside its solve
+            for p in params:
+                p.grad.mul_(scale)
+        before = {n: p.detach().clone() for n, p in self.named} if X is not None else None
+        written = {n: p.grad.detach().double() for n, p in self.named if p.grad is not None}
+        self.optimizer.step()
+        if post:
+            stats.update(self._project_step(grams, X, before, nb))
+        stats.update(self._step_stats(grams, X, before, written, weights, steps, why, nb))
+        stats["grad_norm"] = grad_norm
+        stats["step_time"] = time.perf_counter() - t0
+        stats.update({"forget_loss": forget_loss, "retain_loss": retain_loss})
+        return stats
+
+    # ------------------------------------------------------------------------------ solves
+    def _optimizer_steps(self):
+        """(TensorSteps of the moved tensors, None) or ({}, why the step is not modelled);
+        warns once when the optimizer is not modelled (optimizer_aware="auto")."""
+        if self.optimizer_aware is False:
+            return {}, "optimizer_aware=False"
+        steps, why = describe(self.optimizer, dict(self.named))
+        if why is not None:
+            if self.optimizer_aware is True:
+                raise ValueError(f"optimizer_aware=True: {why}")
+            if not self._warned and not self.project_step:
+                self._warned = True
+                warnings.warn(
+                    f"OrthoGrad: {why}: the gradient written into .grad is orthogonal to every retain "
+                    "per-sample gradient, but the step the optimizer takes from it may not be "
+                    "(momentum, adaptive scaling, weight decay). Use SGD, Adam or AdamW, or "
+                    "OrthoGrad(..., project_step=True) to project the step it takes.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+        return steps, why
+
+    def _plain_weights(self, grams: dict, nb: int, B: int):
+        """The written gradient's projection (module docstring, steps 3-4): combination
+        weights (S,) or {name: (S,)}, and the solve's stats."""
         if self.granularity == "global":
-            gram = grams
+            gram = sum(grams.values())
             weights, c, rank, Gr, rr, gg = self._weights(gram, nb, B)
             coef_sq = float(c @ c)
             norm_sq = _spectral_sq(gram[:nb, :nb])
         else:  # one stacked (L, S, S) solve for the L tensors
             G = torch.stack(list(grams.values()))  # [L, S, S]
-            self._check_finite(G)
             K, b, gg_l = G[:, :nb, :nb], G[:, :nb, nb], G[:, nb, nb]
             caps = torch.tensor([self._numel.get(n, nb) for n in grams])
             c, ranks, Gr_l, rr_l = _solve_batched(K, b, gg_l, self.rtol, caps)
@@ -353,26 +445,252 @@ class OrthoGrad:
             Gr, rr, gg = Gr_l.sum(0), rr_l.sum(), gg_l.sum()
             norm_sq = _spectral_sq(K.sum(0))
         denom = (norm_sq * float(rr)) ** 0.5
-        orthogonality = float(Gr.norm()) / denom if denom > 0 else 0.0
-        kept = (float(rr) / float(gg)) ** 0.5 if float(gg) > 0 else 0.0
-
-        self.engine.combine(weights)
-        params = [p for _, p in self.named if p.grad is not None]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
-        if not math.isfinite(grad_norm):
-            raise NonFiniteGradientError(f"the OrthoGrad update has a non-finite norm ({grad_norm})")
-        if self.max_grad_norm is not None and grad_norm > self.max_grad_norm:
-            scale = self.max_grad_norm / grad_norm
-            for p in params:
-                p.grad.mul_(scale)
-        self.optimizer.step()
-        return {
-            "forget_loss": forget_loss,
-            "retain_loss": retain_loss,
+        return weights, {
             "rank": rank,
             "coef_norm": coef_sq**0.5,
-            "orthogonality": orthogonality,
-            "kept": kept,
-            "grad_norm": grad_norm,
-            "step_time": time.perf_counter() - t0,
+            "solve_orthogonality": float(Gr.norm()) / denom if denom > 0 else 0.0,
+            "kept": (float(rr) / float(gg)) ** 0.5 if float(gg) > 0 else 0.0,
+            "fixed_point_iters": 0,
         }
+
+    @staticmethod
+    def _combine_from(Xi: tuple, w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """Σ_s w_s X_s as a dense fp64 tensor of p's numel, from (X, index)."""
+        X, index = Xi
+        v = w.to(torch.float64) @ X.to(torch.float64)  # [k]
+        if index is None:
+            return v
+        out = torch.zeros(p.numel(), dtype=torch.float64, device=v.device)
+        out[index] = v
+        return out
+
+    def _aware_step(self, grams: dict, X, steps: dict, nb: int, B: int):
+        """The optimizer-aware solve (module docstring, "Optimizer-aware"): weights such that
+        the optimizer's step Δθ = −P(g)⊙(a·g + b) − c satisfies G·Δθ = (the α retain
+        descent), G the retain per-sample gradients of the moved tensors. Linear steps (P
+        constant per tensor, b = c = 0: SGD with per-group learning rates) need only the
+        Grams; otherwise the per-segment gradients X give G·P·Gᵀ, G·P·b, G·c, and P(g) (Adam)
+        or the clip factor κ make it a fixed point, iterated until the weights settle.
+        Returns (weights, stats, written gradients {name: fp64 dense} or None)."""
+        alpha, names = self.alpha, [n for n, _ in self.named]
+        sgn = 1.0 if next(iter(steps.values())).a > 0 else -1.0
+        params = dict(self.named)
+        if X is None:  # linear: K_P = lr·|a|·K per tensor
+            scaled = {n: grams[n] * (steps[n].lr * abs(steps[n].a)) for n in names}
+            weights, stats = self._plain_weights(scaled, nb, B)
+            stats["fixed_point_iters"] = 1
+            return weights, stats, None
+        XR = {n: X[n][0][:nb].to(torch.float64) for n in names}  # [nb, k]
+        xu = {n: X[n][0][nb].to(torch.float64) for n in names}  # [k]
+        idx = {n: X[n][1] for n in names}
+
+        def sel(v, n):  # a full-tensor vector restricted to the entries X covers
+            if v is None:
+                return None
+            v = v.reshape(-1) if torch.is_tensor(v) else v
+            return v if idx[n] is None or not torch.is_tensor(v) else v[idx[n]]
+
+        weights, stats = self._plain_weights(grams, nb, B)  # start: the plain projection
+        kappa, iters, prev = 1.0, 0, None
+        for iters in range(1, self.max_iters + 1):
+            Ks, rs, ggs = {}, {}, {}
+            g = {n: self._combine_from(X[n], weights[n] if isinstance(weights, dict) else weights, params[n])
+                 for n in names}
+            for n in names:
+                st = steps[n]
+                P = sel(st.scale(kappa * g[n]), n)
+                P = torch.as_tensor(P, dtype=torch.float64, device=XR[n].device)
+                a = abs(st.a) * kappa
+                XP = XR[n] * P if P.dim() else XR[n] * float(P)  # [nb, k]
+                Ks[n] = a * (XP @ XR[n].T)
+                r = (1 - alpha) * a * (XP @ xu[n])
+                if st.b is not None:
+                    r = r - sgn * (XP @ sel(st.b, n))
+                if st.c is not None:
+                    r = r - sgn * (XR[n] @ sel(st.c, n))
+                rs[n] = r
+                ggs[n] = a * float((xu[n] * (P if P.dim() else float(P)) * xu[n]).sum())
+            weights, stats = self._aware_weights(Ks, rs, ggs, nb, B, names)
+            gn = {n: self._combine_from(X[n], weights[n] if isinstance(weights, dict) else weights, params[n])
+                  for n in names}
+            if self.max_grad_norm is not None:
+                total = math.sqrt(sum(float((v * v).sum()) for v in gn.values()))
+                kappa_new = min(1.0, self.max_grad_norm / total) if total > 0 else 1.0
+            else:
+                kappa_new = 1.0
+            flatw = torch.cat([w.reshape(-1) for w in (weights.values() if isinstance(weights, dict) else [weights])])
+            if prev is not None and float((flatw - prev).abs().max()) <= 1e-12 * max(float(flatw.abs().max()), 1e-300) \
+                    and abs(kappa_new - kappa) <= 1e-12:
+                break
+            if self.max_grad_norm is None:
+                break  # P and κ do not depend on the weights: one solve is exact
+            prev, kappa = flatw, kappa_new
+        stats["fixed_point_iters"] = iters
+        stats["clip_factor"] = kappa
+        return weights, stats, {n: kappa * v for n, v in gn.items()}
+
+    def _aware_weights(self, Ks: dict, rs: dict, ggs: dict, nb: int, B: int, names: list):
+        """Combination weights from K̃ w' = r (global: summed over tensors; per_tensor: one
+        solve each), w = α/B + w' on retain segments, −(1−α) on the forget segment."""
+        a = self.alpha
+
+        def comb(wp):
+            w = torch.empty(wp.shape[:-1] + (nb + 1,), dtype=torch.float64, device=wp.device)
+            w[..., :nb] = a / B + wp
+            w[..., nb] = -(1.0 - a)
+            return w
+
+        if self.granularity == "global":
+            K = sum(Ks.values())
+            r = sum(rs.values())
+            gg = torch.tensor(sum(ggs.values()), dtype=torch.float64)
+            c, rank, Gr, rr = _solve(K, r, gg, self.rtol, sum(self._numel.values()))
+            denom = (_spectral_sq(K) * float(rr)) ** 0.5
+            w = comb(c)
+            coef_sq, Grn = float(c @ c), float(Gr.norm())
+        else:
+            Kst = torch.stack([Ks[n] for n in names])
+            rst = torch.stack([rs[n] for n in names])
+            ggt = torch.tensor([ggs[n] for n in names], dtype=torch.float64)
+            caps = torch.tensor([self._numel[n] for n in names])
+            c, ranks, Gr_l, rr_l = _solve_batched(Kst, rst, ggt, self.rtol, caps)
+            w = dict(zip(names, comb(c).unbind(0)))
+            rank, coef_sq, Grn, rr = int(ranks.sum()), float((c * c).sum()), float(Gr_l.sum(0).norm()), rr_l.sum()
+            denom = (_spectral_sq(Kst.sum(0)) * float(rr)) ** 0.5
+            gg = ggt.sum()
+        return w, {
+            "rank": int(rank),
+            "coef_norm": coef_sq**0.5,
+            "solve_orthogonality": Grn / denom if denom > 0 else 0.0,
+            "kept": (float(rr) / float(gg)) ** 0.5 if float(gg) > 0 else 0.0,
+        }
+
+    def _step_stats(self, grams, X, before, written, weights, steps, why, nb) -> dict:
+        """What the step achieved: measured on the actual Δθ when the per-segment gradients
+        are at hand (the optimizer-aware path, or measure=True), else an honest bound.
+
+        step_orthogonality = ‖G·Δθ‖/(‖G‖₂‖Δθ‖) and step_cosine_max = max_i |cos(g_i, Δθ)|
+        over the retain per-sample gradients g_i of the moved tensors, Δθ = θ_after − θ_before
+        (fp64 products of the fp32 X and Δθ). The bound (no X): the solve's residual, plus
+        the combination's rounding u·sqrt(n)·Σ_s|w_s|‖g_s‖/‖d‖ (n the rows summed; a typical
+        -error model), plus the rounding of θ − lr·g in the parameters' dtype, u·‖θ‖/‖Δθ‖.
+        ``orthogonality`` is the measured value when there is one, else the bound.
+        """
+        out = {"optimizer": "unmodelled" if why and why != "optimizer_aware=False" else
+               ("not modelled (optimizer_aware=False)" if why else type(self.optimizer).__name__)}
+        K = sum(grams[n][:nb, :nb] for n, _ in self.named)
+        g_norm = torch.diagonal(K).clamp_min(0).sqrt()  # ‖g_i‖
+        G2 = _spectral_sq(K) ** 0.5
+        if X is not None and self.alpha > 0:  # measured: the whole step (it descends on purpose);
+            out.update(self._step_stats_measured(X, before, K, g_norm, G2, nb))  # bound: the ascent part
+            out.update({k: v for k, v in self._step_stats(grams, None, before, written, weights, steps, why,
+                                                          nb).items() if k != "optimizer"})
+            return out
+        if X is not None:
+            out.update(self._step_stats_measured(X, before, K, g_norm, G2, nb))
+            out["orthogonality"] = out["step_orthogonality"]
+            return out
+        if self.alpha > 0:  # the bound of the ascent part −(1−α)·g_u⊥ (the α part descends on purpose)
+            weights = ({n: self._ascent_part(w, nb) for n, w in weights.items()} if isinstance(weights, dict)
+                       else self._ascent_part(weights, nb))
+        u = max(torch.finfo(p.dtype).eps for _, p in self.named)
+        dnorm = math.sqrt(sum(float((v * v).sum()) for v in written.values()))
+        diag = torch.diagonal(sum(grams.values())).clamp_min(0).sqrt()
+        if isinstance(weights, dict):
+            wabs = sum(weights[n].abs() * torch.diagonal(grams[n]).clamp_min(0).sqrt() for n, _ in self.named)
+            comb_err = float(wabs.sum())
+        else:
+            comb_err = float((weights.abs() * diag).sum())
+        rows = int(self.engine._step.seg.N) if getattr(self.engine, "_step", None) is not None else 1
+        bound, d_norm = self._solve_orth(weights, grams, nb)
+        if d_norm > 0 and dnorm > 0:
+            bound += u * math.sqrt(rows) * comb_err / d_norm
+            theta = math.sqrt(sum(float((p.detach().double() ** 2).sum()) for _, p in self.named))
+            lr = max(float(g["lr"]) for g in self.optimizer.param_groups)
+            bound += u * theta / (lr * dnorm) if lr > 0 else 0.0
+        out["step_orthogonality_bound"] = bound
+        out["orthogonality"] = bound
+        return out
+
+    def _project_step(self, grams: dict, X: dict, before: dict, nb: int) -> dict:
+        """Project the optimizer's actual step onto the orthogonal complement of the retain
+        per-sample gradients: Δθ ← Δθ − Gᵀc with K c = G·Δθ (the rank rule of the solve;
+        per_tensor: per tensor), written into the parameters. Adam's step is P(g)⊙m' with
+        P depending on the written g itself (at its first step Δθ ≈ −lr·sign(g), so no
+        choice of the B coefficients makes it orthogonal in general); projecting the step
+        it took is exact whatever the optimizer, and leaves its state (m, v) that of the
+        written OrthoGrad gradient. Returns {step_projected: ‖Gᵀc‖/‖Δθ‖}."""
+        params = dict(self.named)
+        names = [n for n, _ in self.named]
+        d = {n: (params[n].detach().double() - before[n].double()).reshape(-1) for n in names}
+
+        def G_dot(n, v):
+            Xn, index = X[n]
+            return Xn[:nb].to(torch.float64) @ (v if index is None else v[index])
+
+        def Gt(n, c):
+            Xn, index = X[n]
+            v = c @ Xn[:nb].to(torch.float64)
+            if index is None:
+                return v
+            out = torch.zeros_like(d[n])
+            out[index] = v
+            return out
+
+        if self.granularity == "global":
+            K = sum(grams[n][:nb, :nb] for n in names)
+            Gd = sum(G_dot(n, d[n]).to(K.device) for n in names)
+            dd = torch.tensor(sum(float((d[n] * d[n]).sum()) for n in names), dtype=torch.float64)
+            c = _solve(K, Gd, dd, self.rtol, sum(self._numel.values()))[0]
+            corr = {n: Gt(n, c.to(torch.float64)) for n in names}
+        else:
+            Kst = torch.stack([grams[n][:nb, :nb] for n in names])
+            Gd = torch.stack([G_dot(n, d[n]).to(Kst.device) for n in names])
+            dd = torch.tensor([float((d[n] * d[n]).sum()) for n in names], dtype=torch.float64)
+            caps = torch.tensor([self._numel[n] for n in names])
+            cs = _solve_batched(Kst, Gd, dd, self.rtol, caps)[0]
+            corr = {n: Gt(n, cs[i].to(torch.float64)) for i, n in enumerate(names)}
+        removed = math.sqrt(sum(float((corr[n] * corr[n]).sum()) for n in names))
+        total = math.sqrt(sum(float((d[n] * d[n]).sum()) for n in names))
+        with torch.no_grad():
+            for n in names:
+                p = params[n]
+                p.copy_((before[n].double().reshape(-1) + d[n] - corr[n]).view(p.shape).to(p.dtype))
+        return {"step_projected": removed / total if total > 0 else 0.0}
+
+    def _ascent_part(self, w: torch.Tensor, nb: int) -> torch.Tensor:
+        """Combination weights of the ascent part alone (the α/B retain descent removed)."""
+        w = w.clone()
+        w[:nb] -= self.alpha / self._B
+        return w
+
+    def _step_stats_measured(self, X, before, K, g_norm, G2, nb) -> dict:
+        """step_orthogonality ‖G·Δθ‖/(‖G‖₂‖Δθ‖) and step_cosine_max of the actual Δθ."""
+        out = {}
+        GD = torch.zeros(nb, dtype=torch.float64, device=K.device)
+        dd = 0.0
+        for n, p in self.named:
+            d = (p.detach().double() - before[n].double()).reshape(-1)
+            dd += float((d * d).sum())
+            Xn, index = X[n]
+            dn = d if index is None else d[index]
+            GD += (Xn[:nb].to(torch.float64) @ dn).to(GD.device)
+        dnorm = dd**0.5
+        out["step_orthogonality"] = float(GD.norm()) / (G2 * dnorm) if G2 > 0 and dnorm > 0 else 0.0
+        den = g_norm * dnorm
+        cos = torch.where(den > 0, GD.abs() / den.clamp_min(1e-300), torch.zeros_like(GD))
+        out["step_cosine_max"] = float(cos.max()) if cos.numel() else 0.0
+        return out
+
+    def _solve_orth(self, weights, grams, nb) -> tuple[float, float]:
+        """(‖G d‖/(‖G‖₂‖d‖), ‖d‖) of the direction d = Σ_s w_s g_s, from the Grams (fp64)."""
+        if isinstance(weights, dict):
+            Gd = sum(grams[n][:nb] @ weights[n].to(grams[n].dtype) for n, _ in self.named)
+            dd = sum(float(weights[n] @ grams[n] @ weights[n]) for n, _ in self.named)
+        else:
+            Kt = sum(grams.values())
+            Gd, dd = Kt[:nb] @ weights.to(Kt.dtype), float(weights @ Kt @ weights)
+        K = sum(grams[n][:nb, :nb] for n, _ in self.named)
+        den = (_spectral_sq(K) * max(dd, 0.0)) ** 0.5
+        return (float(Gd.norm()) / den if den > 0 else 0.0), max(dd, 0.0) ** 0.5
+
