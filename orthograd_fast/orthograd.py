@@ -17,9 +17,41 @@ One step, forget batch (x_f, y_f) of F rows and retain batch (x_r, y_r) of B row
 ``granularity="per_tensor"`` (the authors' code) solves step 3 per parameter tensor with
 that tensor's Gram and writes per-tensor weights. No (B, P) buffer is ever formed.
 
-The reported orthogonality ‖G g_u⊥‖ / (‖G‖₂ ‖g_u⊥‖) comes from the Gram blocks alone:
-G g_u⊥ = b − K c and ‖g_u⊥‖² = ‖g_u‖² − 2cᵀb + cᵀKc (fp64; it measures the solve, the
-fp32 combination adds its own rounding on top).
+Optimizer-aware. The guarantee is about the parameter change Δθ the optimizer makes, not
+the gradient it is given: G·Δθ = 0 (α = 0; with α > 0, G·Δθ is the intended retain descent)
+for G the retain per-sample gradients of the tensors the optimizer moves (the projection is
+over exactly those: an optimizer over the last layer projects the last layer's gradients).
+
+* plain SGD (one learning rate, no momentum history, no weight decay): Δθ = −lr·d, the
+  written direction's orthogonality is the step's;
+* SGD with momentum / Nesterov / dampening / weight decay / per-group learning rates: the
+  step is Δθ = −lr·(a·g + b) with b from the momentum buffer and θ (optimizers.py), so the
+  written g = −(1−α)g_u + Gᵀw solves the B x B system Σ_t lr_t|a_t|·K_t w' =
+  (1−α)Σ_t lr_t|a_t| b_t − s·Σ_t G_t(lr_t·b_t) (per_tensor: one per tensor): exact, from the
+  Grams and G·b (the per-segment gradients X, ``SampleGram.segment_grads``); with
+  ``max_grad_norm`` the clip factor enters a fixed point that settles in a few rounds;
+* Adam / AdamW: Δθ = −P(g)⊙m' with P = lr/(sqrt(v̂(g)) + ε) depending on the written g
+  itself; at the first step Δθ ≈ −lr·sign(g), which no choice of the B coefficients makes
+  orthogonal in general (a fixed point of the preconditioned solve G·P·Gᵀ did not settle:
+  measured 8e-3 after 25 rounds). So the plain OrthoGrad gradient is written, Adam steps
+  (its m, v are those of that gradient), and the step it took is projected:
+  Δθ ← Δθ − Gᵀc, K c = G·Δθ (``step_projected`` = ‖Gᵀc‖/‖Δθ‖). Exact for any optimizer:
+  ``project_step=True`` applies it to optimizers that are not modelled, which otherwise
+  get one warning (the gradient is orthogonal, the step may not be).
+
+Cost beyond the plain step: X = the per-segment gradients of the moved tensors (S·P
+memory, formed one layer at a time from what the step recorded) whenever the step is not
+plain SGD, and a copy of θ.
+
+Reported figures. ``solve_orthogonality`` = ‖G d‖/(‖G‖₂‖d‖) of the solved direction from
+the fp64 Gram blocks (G d = b − K c: it measures the solve only, ~1e-16). What the step
+achieved: with X at hand (every non-plain step, or ``measure=True``) ``step_orthogonality``
+= ‖G·Δθ‖/(‖G‖₂‖Δθ‖) and ``step_cosine_max`` = max_i |cos(g_i, Δθ)| on the actual Δθ (fp64
+products of the fp32 X and Δθ); otherwise ``step_orthogonality_bound``: the solve's residual
++ the combination's rounding u·sqrt(N)·Σ_s|w_s|‖g_s‖/‖d‖ (a typical-error model) + the
+rounding of θ − lr·g in the parameters' dtype, u·‖θ‖/‖Δθ‖ (measured on fp32 MLPs: ~1e-5,
+against true values ~2e-7). ``orthogonality`` is the measured value when there is one
+(α = 0), else the bound (of the ascent part, for α > 0).
 
 Default rank tolerance (``DEFAULT_RTOL`` by the narrowest trainable dtype: 1e-4 for fp32
 models, 1e-7 for fp64, 1e-2 for fp16/bf16) is far above ``project_orthogonal``'s (1e-7
@@ -188,6 +220,13 @@ class OrthoGrad:
     record_grads=False)``: the step always combines, so the record pass skips Linear/Conv
     weight gradients).
 
+    optimizer_aware: "auto" (model SGD/Adam/AdamW steps, module docstring "Optimizer-aware";
+    warn once for other optimizers), True (refuse unmodelled optimizers), False (project the
+    written gradient only). measure: also measure the step's orthogonality on the actual
+    Δθ for plain SGD (costs the per-segment gradients). project_step: project the actual
+    step of any optimizer (used for Adam/AdamW always). max_fixed_point_iters: rounds of the
+    clip-factor fixed point.
+
     eval_mode: run the step's forward/backward with every module in eval mode (BatchNorm on
     its running statistics, Dropout and attention dropout off) and give each module its
     own mode back afterwards (``orthograd_fast.modes``): the rows are then independent and
@@ -319,9 +358,11 @@ class OrthoGrad:
 
         Returns {forget_loss, retain_loss (means over the batch rows, before the step),
         rank (numerical rank of the retain gradients; per_tensor: summed over tensors),
-        coef_norm ‖c‖, orthogonality ‖G g_u⊥‖/(‖G‖₂‖g_u⊥‖), kept ‖g_u⊥‖/‖g_u‖, grad_norm
-        (of the update before clipping), step_time (s)}. Raises NonFiniteGradientError
-        (before any parameter changes) on NaN/Inf.
+        coef_norm ‖c‖, kept ‖g_u⊥‖/‖g_u‖, solve_orthogonality, orthogonality and
+        step_orthogonality / step_cosine_max or step_orthogonality_bound (module docstring,
+        "Reported figures"), step_projected (Adam, project_step), fixed_point_iters,
+        optimizer, grad_norm (of the written gradient before clipping), step_time (s)}.
+        Raises NonFiniteGradientError (before any parameter changes) on NaN/Inf.
         """
         if self.engine is None:
             raise ValueError("this OrthoGrad was closed")
