@@ -123,6 +123,34 @@ def test_batchnorm_dropout_cnn_through_unlearn(gen, dtype):
     assert _max_cos(got, G) <= (1e-10 if dtype == torch.float64 else 1e-5)
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_batchnorm_cnn_with_adam_through_unlearn(gen, optimizer):
+    """The same BatchNorm + Dropout CNN with Adam/AdamW through unlearn() (two calls, each
+    with its own optimizer; Adam's state across steps: test_optimizer_aware.py): each step's
+    actual Δθ orthogonal to the eval model's fp64 per-sample retain gradients (max |cos|
+    <= 1e-5), buffers and modes untouched.""" 
+    dtype = torch.float32
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    model = _bn_cnn(dtype)
+    _warm_bn(model, gen, dtype)
+    model.train()
+    modes = [m.training for m in model.modules()]
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    B, NF = 8, 6
+    xr, yr = torch.randn(B, 2, 8, 8, generator=gen, dtype=dtype), torch.randint(0, 3, (B,), generator=gen)
+    xf, yf = torch.randn(NF, 2, 8, 8, generator=gen, dtype=dtype), torch.randint(0, 3, (NF,), generator=gen)
+    for _ in range(2):
+        before, original = _params(model), copy.deepcopy(model)
+        res = unlearn(model, _loader(xr, yr, B), _loader(xf, yf, NF), method="orthograd", steps=1, lr=1e-2,
+                      optimizer=optimizer, weight_decay=1e-2, stop=FREEZE, return_result=True)
+        _, G = _reference_perp(original, _ce_item, list(zip(xf, yf)), list(zip(xr, yr)))
+        assert _max_cos(_delta(before, model, 1.0), G) <= 1e-5
+        assert res.history[-1]["step_cosine_max"] <= 1e-5
+    assert [m.training for m in model.modules()] == modes
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers[n]), n
+
+
 def test_dropout_in_train_mode_breaks_orthogonality_eval_mode_fixes_it(gen):
     """OrthoGrad's default eval_mode=True against eval_mode=False on a Dropout MLP in train
     mode: the default step is the eval model's g_u⊥; with train-mode dropout the step is

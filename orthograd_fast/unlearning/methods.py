@@ -59,6 +59,10 @@ DEFAULTS: dict[str, dict] = {
 }
 
 
+#: optimizer names of ``unlearn(..., optimizer=...)`` (or pass a callable(params, lr))
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -72,7 +76,10 @@ def _check_finite_loss(loss: torch.Tensor, what: str) -> None:
 
 
 class Method:
-    """Base stepper: SGD on the trainable parameters; subclasses define ``step``.
+    """Base stepper: an optimizer on the trainable parameters (``optimizer``: "sgd" with
+    ``momentum``/``weight_decay``, "adam", "adamw", or a callable(params, lr) returning one;
+    OrthoGrad makes the step of each orthogonal, orthograd.py "Optimizer-aware");
+    subclasses define ``step``.
 
     task: the :class:`~orthograd_fast.unlearning.tasks.Task` (default classification);
     ``self.net`` is the module the steps call with a batch's x (the model, or the task's
@@ -81,9 +88,13 @@ class Method:
     name = "method"
 
     def __init__(self, model: nn.Module, *, lr: float, max_grad_norm: float | None = 1.0,
-                 momentum: float = 0.0, weight_decay: float = 0.0, seed: int = 0, task: Task | None = None):
+                 momentum: float = 0.0, weight_decay: float = 0.0, seed: int = 0, task: Task | None = None,
+                 optimizer="sgd"):
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr!r}")
+        if not (callable(optimizer) or optimizer in OPTIMIZERS):
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)} or a callable(params, lr) -> "
+                             f"torch.optim.Optimizer, got {optimizer!r}")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be positive or None, got {max_grad_norm!r}")
         self.task = Classification() if task is None else task
@@ -91,7 +102,16 @@ class Method:
         self.model = model
         self.net = self.task.wrap(model)
         self.params = _trainable(model)
-        self.optimizer = torch.optim.SGD(self.params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        if callable(optimizer):
+            self.optimizer = optimizer(self.params, lr)
+            if not isinstance(self.optimizer, torch.optim.Optimizer):
+                raise ValueError(f"optimizer(params, lr) returned {type(self.optimizer).__name__}, not an Optimizer")
+        elif optimizer == "sgd":
+            self.optimizer = torch.optim.SGD(self.params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        else:
+            if momentum:
+                raise ValueError(f"momentum is an SGD option; {optimizer} has betas")
+            self.optimizer = OPTIMIZERS[optimizer](self.params, lr=lr, weight_decay=weight_decay)
         self.max_grad_norm = max_grad_norm
         self.generator = torch.Generator().manual_seed(seed)
         self.steps = 0
