@@ -350,9 +350,13 @@ def signature(model: nn.Module, args: tuple, kwargs: dict, N: int) -> tuple:
     return (N, str(spec), tuple(parts), modes, torch.is_grad_enabled())
 
 
+_MISSING = object()
+
+
 class _BufferState:
-    """Every buffer of a model, restorable in place (the check's runs must leave them as
-    they found them)."""
+    """Every buffer of a model, and every module's plain attributes, restorable in place
+    (the check's runs must leave the model as they found it: running statistics, counters,
+    the ``self.last_shape = ...`` a forward sets)."""
 
     def __init__(self, model: nn.Module):
         self.saved = []
@@ -360,6 +364,7 @@ class _BufferState:
             for name, b in m._buffers.items():
                 if b is not None:
                     self.saved.append((m, name, b, b.detach().clone()))
+        self.attrs = [(m, dict(m.__dict__)) for m in model.modules()]
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -367,6 +372,13 @@ class _BufferState:
                 m._buffers[name] = b
                 if not torch.equal(b, copy):  # untouched buffers keep their version (autograd saves some)
                     b.copy_(copy)
+        for m, saved in self.attrs:
+            now = m.__dict__
+            for k in [k for k in now if k not in saved]:
+                del now[k]
+            for k, v in saved.items():
+                if now.get(k, _MISSING) is not v:
+                    now[k] = v
 
 
 def _pick_rows(leaves: list, batched: list[int], N: int, gen: torch.Generator) -> tuple[int, list[int]]:
@@ -559,6 +571,7 @@ def check_rows(model: nn.Module, watched: dict[nn.Module, str], args: tuple, kwa
     # a permutation of the same tokens under a pooling, is followed by the next), then noise
     attempts = replacements + ([None] if floats else [])
     params = [p for p in model.parameters() if p.requires_grad]
+    versions = [(n, p, p._version) for n, p in model.named_parameters()]
     devices = sorted({x.device.index or 0 for x in leaves if isinstance(x, torch.Tensor) and x.is_cuda})
     buffers = _BufferState(model)
     rec = None
@@ -627,6 +640,13 @@ def check_rows(model: nn.Module, watched: dict[nn.Module, str], args: tuple, kwa
         buffers.restore()
         if tracer is not None:
             tracer.close()
+    written = [n for n, p, v in versions if p._version != v]
+    if written:
+        raise RowCheckError(
+            f"the model writes into its parameters {written[:5]} during forward, and the row check's "
+            "forwards wrote into them again (this cannot be undone: re-load them); move the update out of "
+            "forward"
+        )
     model_out = RowModel(N=N, r0=r0, outputs=layouts, calls=rec.result(), trace_problem=trace_problem)
     model_out.paths = {id(m): p for m, p in watched.items()}
     return model_out
