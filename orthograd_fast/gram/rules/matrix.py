@@ -288,6 +288,9 @@ def gram_explicit(
     written straight into X when their ids are one contiguous run (one call); a multi-row
     segment from one GEMM over all of its positions (T·rows), so no per-row tiles exist
     for it. Contiguous rows are read as views (as_slice)."""
+    if opts.precision == "high":  # fp64 products in the tiles too, not only in their Gram
+        for c in calls:
+            c.dtype = torch.float64
     c0 = calls[0]
     S, G, d, p = seg.S, c0.G, c0.d, c0.p
     device, dtype = c0.device, c0.dtype
