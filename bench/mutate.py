@@ -217,6 +217,22 @@ def _version() -> str:
     return out.strip().split()[-1] if out.strip() else "?"
 
 
+def table(commit: str) -> str:
+    """Markdown table of the results JSONs of one commit (bench/RESULTS.md)."""
+    rows = ["| module | tests | mutants run | killed | timeout | survived | score | time (min) | note |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted(RESULTS.glob(f"{commit[:7]}-*.json")):
+        s = json.loads(path.read_text())
+        tests = ", ".join(sorted({t.split("::")[0].removeprefix("tests/") for t in s["tests"]}))
+        run = s["killed"] + s["timeout"] + s["survived"]
+        note = f"sample of {run} of {run + s['not_sampled']}" if s.get("not_sampled") else "all"
+        if s["pending"]:
+            note += f", {s['pending']} not finished"
+        rows.append(f"| {s['module']} | {tests} | {run} | {s['killed']} | {s['timeout']} | {s['survived']} | "
+                    f"{s['score']:.0%} | {s['exec_s'] / 60:.0f} | {note} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     conf = tomllib.loads(CONFIG.read_text())
     modules = conf["modules"]
@@ -229,10 +245,14 @@ def main(argv=None) -> int:
                     help="run a random N of each module's mutants (an estimate; the rest are 'not_sampled')")
     ap.add_argument("--seed", type=int, default=0, help="seed of --sample")
     ap.add_argument("--list", action="store_true", help="print the modules and their test files")
+    ap.add_argument("--table", action="store_true", help="print the Markdown score table of --rev's results")
     args = ap.parse_args(argv)
     if args.list:
         for m, spec in modules.items():
             print(f"{m}: {' '.join(spec['tests'])}")
+        return 0
+    if args.table:
+        print(table(_git("rev-parse", args.rev, text=True).stdout.strip()))
         return 0
     chosen = [m for arg in args.modules for m in arg.replace(",", " ").split()] or list(modules)
     unknown = [m for m in chosen if m not in modules]

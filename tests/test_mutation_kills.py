@@ -429,3 +429,104 @@ def test_grouped_conv_gram_matches_fp64_loop(method, nd, one_position, gen):
     for name in ("conv.weight", "conv.bias"):
         err = float((Kt[name] - K_ref[name]).norm() / K_ref[name].norm())
         assert err <= 1e-10, (name, err)
+
+
+# --------------------------------------------------------------------------------------
+# 7. survivors of `make mutate` that a test can tell apart (bench/RESULTS.md)
+# --------------------------------------------------------------------------------------
+def test_gram_pinv_runs_single_threaded_and_restores(monkeypatch, gen):
+    """linalg._single_thread: the small eigh runs on one thread (20-100x faster on busy
+    cores, linalg.py) and the caller's thread count comes back, also from 2 threads."""
+    from orthograd_fast import linalg
+
+    seen = []
+    eigh = torch.linalg.eigh
+
+    def spy(*a, **k):
+        seen.append(torch.get_num_threads())
+        return eigh(*a, **k)
+
+    monkeypatch.setattr(torch.linalg, "eigh", spy)
+    G = torch.randn(5, 40, generator=gen, dtype=torch.float64)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        solve = linalg.gram_pinv(G @ G.T, 1e-7)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)
+    assert seen == [1]
+    assert solve.rank == 5
+
+
+def test_gram_pinv_without_directions(gen):
+    """All-zero rows: nothing kept, rank 0, K⁺ = 0 and sigma_ratio 1.0 (documented); one
+    zero row among others: sigma_ratio over the non-zero rows, as an fp64 SVD gives it."""
+    from orthograd_fast.linalg import gram_pinv
+
+    solve = gram_pinv(torch.zeros(3, 3, dtype=torch.float64), 1e-7)
+    assert solve.rank == 0 and not bool(solve.kept.any()) and bool((solve.pinv == 0).all())
+    assert solve.sigma_ratio == 1.0
+    G = torch.randn(4, 30, generator=gen, dtype=torch.float64)
+    G[2] = 0
+    solve = gram_pinv(G @ G.T, 1e-7)
+    assert solve.kept.tolist() == [True, True, False, True] and solve.rank == 3
+    rows = G[[0, 1, 3]]
+    s = torch.linalg.svdvals(rows / rows.norm(dim=1, keepdim=True))
+    assert solve.sigma_ratio == pytest.approx(float(s[-1] / s[0]), rel=1e-10)
+
+
+def test_project_orthogonal_with_no_rows(gen):
+    """B = 0: g comes back unchanged (a copy), with rank 0, orthogonality 0 and no coefficients."""
+    g = torch.randn(7, 3, generator=gen)
+    r, info = project_orthogonal(g, torch.empty(0, 7, 3), return_info=True)
+    assert torch.equal(r, g) and r.data_ptr() != g.data_ptr()
+    assert info.rank == 0 and info.orthogonality == 0.0 and info.coefficients.numel() == 0
+
+
+class AuxHead(nn.Module):
+    """A trained auxiliary head whose output this loss ignores: its layer is called, but
+    no gradient reaches it (its per-sample gradients are zero)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.aux = nn.Linear(5, 7), nn.Linear(7, 3), nn.Linear(7, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        self.aux(h)
+        return self.b(h)
+
+
+@pytest.mark.parametrize("method", ["ghost", "explicit"])
+def test_layer_without_gradient_and_all_rows_ignored(method, gen):
+    """A called layer that gets no gradient has a zero Gram and a zero combination, the
+    others match the fp64 loop; a step whose rows are all ignored (-1) gives zeros."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    model = AuxHead().double()
+    x = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=gen)
+    seg = torch.tensor([0, 1, 1, 2, -1, 0])
+    sg = SampleGram(model, method=method)
+    with sg.record(seg, num_segments=3):
+        _ce_sum(model(x), y).backward()
+    Kt = sg.gram(per_tensor=True)
+    gs = ref.segment_grads(ref.per_sample_grads_loop(copy.deepcopy(model), _ce_sum, x, y), seg, 3)
+    K_ref = ref.gram_from_grads(gs, per_tensor=True)
+    for name, K in K_ref.items():
+        assert float((Kt[name] - K).norm()) <= 1e-10 * max(float(K.norm()), 1.0), name
+    w = torch.randn(3, generator=gen, dtype=torch.float64)
+    sg.combine(w)
+    for name, p in model.named_parameters():
+        expected = torch.einsum("s,s...->...", w, gs[name])
+        assert p.grad is not None and float((p.grad - expected).norm()) <= 1e-10 * max(float(expected.norm()), 1.0)
+    sg.close()
+
+    model.zero_grad(set_to_none=True)
+    sg = SampleGram(model, method=method)
+    with sg.record(torch.full((6,), -1), num_segments=2):
+        _ce_sum(model(x), y).backward()
+    assert bool((sg.gram() == 0).all())
+    sg.combine(torch.ones(2, dtype=torch.float64))
+    assert all(p.grad is None or bool((p.grad == 0).all()) for p in model.parameters())
+    sg.close()
