@@ -25,6 +25,33 @@ def test_architectures_shapes():
         training.default_configs("digits", "vit")
 
 
+@pytest.mark.parametrize("hw", [(28, 28), (8, 8), (7, 9), (1, 1)])
+def test_strided_cnn_shapes_and_stride(hw):
+    """Each stride-2 conv (padding 1) halves a side rounding up: 28 -> 14 -> 7, 7 -> 4 -> 2."""
+    m = models.build_model(models.ModelConfig("strided_cnn", channels=(4, 6)), (1, *hw), 10, seed=0)
+    assert m(torch.randn(3, 1, *hw)).shape == (3, 10)
+    h2, w2 = (-(-(-(-hw[0] // 2)) // 2), -(-(-(-hw[1] // 2)) // 2))
+    assert m[-1].in_features == 6 * h2 * w2
+    assert [c.stride for c in m if isinstance(c, torch.nn.Conv2d)] == [(2, 2), (2, 2)]
+
+
+def test_recipes(digits):
+    """The named recipes load their data; digits-mlp memorises (train ≈ 100 %) on seed 0."""
+    assert set(training.RECIPES) == {"fashion-mnist-cnn", "digits-mlp"}
+    with pytest.raises(ValueError, match="unknown recipe 'x'"):
+        training.recipe("x")
+    r = training.recipe("digits-mlp")
+    ds = r.load_data()
+    assert ds.fingerprint == digits.fingerprint
+    tm = training.get_trained("original", ds, np.arange(len(ds.y_train)), r.model, r.train, seed=0, cache=False)
+    with torch.no_grad():
+        train_acc = float((tm.model(ds.x_train).argmax(1) == ds.y_train).float().mean())
+        test_acc = float((tm.model(ds.x_test).argmax(1) == ds.y_test).float().mean())
+    assert train_acc >= 0.995 and 0.9 < test_acc < train_acc
+    fm = training.recipe("fashion-mnist-cnn")
+    assert (fm.dataset, fm.train_subset, fm.model.arch) == ("fashion-mnist", 5000, "strided_cnn")
+
+
 def test_training_learns_and_reinitialize(digits):
     cfg = models.ModelConfig("mlp", (64,))
     model = models.build_model(cfg, digits.input_shape, 10, seed=1)
@@ -65,7 +92,7 @@ def test_model_registry_is_the_cli_choice_list():
     """A file in models/ registers a builder by name; build_model and the CLI's --model use it."""
     from orthograd_fast.unlearning import cli
 
-    assert models.names() == ("mlp", "cnn")
+    assert models.names() == ("mlp", "cnn", "strided_cnn")
     action = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices["compare"]._actions
                   if a.dest == "model")
     assert tuple(action.choices) == models.names()

@@ -1,7 +1,8 @@
 """Models of the unlearning toolkit, one file each, registered by name.
 
-    mlp   Flatten -> [Linear -> ReLU] * len(hidden) -> Linear (``mlp.py``)
-    cnn   two 3x3 convs (ReLU, 2x2 max-pool after each) -> Linear (``cnn.py``)
+    mlp          Flatten -> [Linear -> ReLU] * len(hidden) -> Linear (``mlp.py``)
+    cnn          two 3x3 convs (ReLU, 2x2 max-pool after each) -> Linear (``cnn.py``)
+    strided_cnn  two 3x3 stride-2 convs (ReLU after each) -> Linear (``strided_cnn.py``)
 
 A new model is a file here whose builder ``build(cfg: ModelConfig, input_shape,
 num_classes) -> nn.Module`` is decorated with :func:`register`, plus its import at the
@@ -21,7 +22,7 @@ from torch import nn
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture: arch "mlp" (hidden widths) or "cnn" (channels of the two convs)."""
+    """Architecture: arch "mlp" (hidden widths), "cnn" or "strided_cnn" (channels of the two convs)."""
 
     arch: str = "mlp"
     hidden: tuple[int, ...] = (128,)
@@ -63,12 +64,13 @@ def build_model(cfg: ModelConfig, input_shape, num_classes: int, seed: int = 0) 
         return build(cfg, input_shape, num_classes)
 
 
-from . import mlp, cnn  # noqa: E402,F401,I001  (the built-in models register here, in this order)
+from . import mlp, cnn, strided_cnn  # noqa: E402,F401,I001  (the built-in models register here, in this order)
 from .cnn import SmallCNN  # noqa: E402
 from .mlp import MLP  # noqa: E402
+from .strided_cnn import StridedCNN  # noqa: E402
 from .transformer import ClassTokenTransformer  # noqa: E402
 
 ARCHS = names()
 
 __all__ = ["ModelConfig", "REGISTRY", "register", "names", "check_arch", "build_model", "ARCHS",
-           "MLP", "SmallCNN", "ClassTokenTransformer"]
+           "MLP", "SmallCNN", "StridedCNN", "ClassTokenTransformer"]
