@@ -45,6 +45,52 @@ def test_mia_efficacy_separable():
         metrics.mia_efficacy([], members, nonmembers)
 
 
+def test_mia_attack_separable_and_known_fractions():
+    members, nonmembers = np.full(50, 0.99), np.full(50, 0.3)
+    out = metrics.mia_attack(members, nonmembers, np.r_[np.full(3, 0.99), np.full(1, 0.3)], folds=5)
+    assert out["bacc"] == 1.0 and out["auc"] == 1.0 and out["efficacy"] == pytest.approx(0.25)
+    assert set(metrics.mia_attack(members, nonmembers, [0.3], folds=None)) == {"efficacy"}
+    with pytest.raises(ValueError, match="5-fold cross-validation needs at least 5"):
+        metrics.mia_attack(members[:3], nonmembers, [0.5])
+    with pytest.raises(ValueError, match="NaN"):
+        metrics.mia_attack(members, nonmembers, [float("nan")])
+
+
+def test_mia_attack_quality_near_chance_when_members_look_like_nonmembers(gen):
+    """Members and non-members from one distribution: out-of-fold predictions are independent
+    of the labels, so the balanced accuracy is 0.5 ± ~0.02 (sd of ½(TPR + TNR) with 400 of
+    each); 0.5 ± 0.12 is more than 5 sd. A real gap in confidence is found."""
+    n = 400
+    same = torch.rand(2 * n, generator=gen, dtype=torch.float64).numpy() ** 0.2
+    null = metrics.mia_attack(same[:n], same[n:], same[:10], folds=5, seed=int(torch.randint(1 << 30, (1,), generator=gen)))
+    assert abs(null["bacc"] - 0.5) < 0.12 and abs(null["auc"] - 0.5) < 0.12
+    # members all confident, 30 % of the non-members not: the attack keys on that tail
+    nonmem = same[:n].copy()
+    nonmem[: int(0.3 * n)] *= 0.3
+    real = metrics.mia_attack(same[n:], nonmem, nonmem[: int(0.3 * n)], folds=5)
+    assert real["bacc"] > 0.6 and real["efficacy"] > 0.9
+
+
+def test_ci95_against_scipy(gen):
+    from scipy import stats
+
+    # by hand: [1, 2, 3] -> mean 2, s = 1; with 2 degrees of freedom the t CDF is
+    # ½ + t / (2·sqrt(2 + t²)), so t_{0.975, 2} = sqrt(2·0.95² / (1 − 0.95²))
+    half = math.sqrt(2 * 0.95**2 / (1 - 0.95**2)) / math.sqrt(3)
+    assert metrics.ci95([1.0, 2.0, 3.0]) == pytest.approx((2.0, 2.0 - half, 2.0 + half), rel=1e-12)
+    v = torch.randn(7, generator=gen, dtype=torch.float64).numpy()
+    lo, hi = stats.t.interval(0.95, len(v) - 1, loc=v.mean(), scale=stats.sem(v))
+    assert metrics.ci95(list(v)) == pytest.approx((v.mean(), lo, hi), rel=1e-10, abs=1e-12)
+    assert metrics.ci95(list(v) + [float("nan")]) == pytest.approx(metrics.ci95(list(v)))
+    m, lo1, hi1 = metrics.ci95([0.3])
+    assert m == 0.3 and math.isnan(lo1) and math.isnan(hi1)
+    assert all(math.isnan(x) for x in metrics.ci95([]))
+    w = torch.randn(7, generator=gen, dtype=torch.float64).numpy()
+    assert metrics.paired_ci95(list(v), list(w)) == pytest.approx(metrics.ci95(list(v - w)))
+    with pytest.raises(ValueError, match="same seeds"):
+        metrics.paired_ci95([1.0, 2.0], [1.0])
+
+
 def test_uis_aus_by_hand():
     # class: ½(|0.9-0.8|/0.9 + 0.1/0.9) = 1/9
     assert metrics.uis(0.9, 0.8, 0.1, "class") == pytest.approx(1 / 9)
@@ -87,5 +133,10 @@ def test_evaluate_on_digits():
     mask = torch.from_numpy(split.test_mask)
     assert out["test_acc"] == pytest.approx(metrics.accuracy(model, ds.x_test[mask], ds.y_test[mask]))
     assert out["uis"] == pytest.approx(metrics.uis(0.9, out["test_acc"], out["forget_acc"], "class"))
-    for k in ("mia_efficacy", "loss_mia_auc", "aus", "test_acc_forgotten"):
+    for k in ("mia_efficacy", "mia_bacc", "mia_auc", "loss_mia_auc", "aus", "test_acc_forgotten"):
         assert 0.0 <= out[k] <= 1.5
+    # the attack is fit on at most mia_max members and non-members; without folds, no quality
+    quick = metrics.evaluate(model, ds, split, seed=0, attack_folds=None, val=True)
+    assert "mia_bacc" not in quick and quick["mia_efficacy"] == pytest.approx(out["mia_efficacy"])
+    vmask = ds.y_val != 3
+    assert quick["val_acc"] == pytest.approx(metrics.accuracy(model, ds.x_val[vmask], ds.y_val[vmask]))
