@@ -71,11 +71,33 @@ def test_unlearn_subcommand_random_forgetting(capsys, tmp_path):
         (["compare", "--set", "neggrad.gamma=2"], "no option 'gamma'"),
         (["unlearn", "--data", "fashion-mnist", "--data-root", "/nonexistent"], "make data"),
         (["unlearn", "--data", "mnist"], "unknown dataset"),
+        (["compare", "--recipe", "digits-mlp", "--model", "cnn"], "sets --model mlp, but --model cnn was given"),
+        (["compare", "--recipe", "fashion-mnist-cnn", "--data", "digits"], "sets --data fashion-mnist"),
+        (["compare", "--recipe", "digits-mlp", "--hidden", "64"], "drop --hidden"),
     ],
 )
 def test_cli_errors(capsys, tmp_path, argv, message):
     code, out, err = _run(capsys, tmp_path, *argv, "--out", str(tmp_path / "bad"))
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_recipe_preset(capsys, tmp_path):
+    """--recipe takes the recipe's model and training config (--train-epochs still overrides);
+    the reference rows carry the attack's own cross-validated balanced accuracy."""
+    from orthograd_fast.unlearning import training
+
+    out_dir = tmp_path / "rec"
+    code, out, err = _run(capsys, tmp_path, "compare", "--recipe", "digits-mlp", "--data", "digits",
+                          "--methods", "neggrad", "--seeds", "1", "--out", str(out_dir), "--no-plot")
+    assert code == 0, err
+    res = json.loads((out_dir / "results.json").read_text())
+    r = training.recipe("digits-mlp")
+    assert res["model"]["hidden"] == list(r.model.hidden) and res["train"]["epochs"] == 4  # TINY's --train-epochs
+    assert res["train"]["weight_decay"] == r.train.weight_decay and res["config"]["recipe"] == "digits-mlp"
+    refs = res["references"]["0"]
+    assert 0 <= refs["original_metrics"]["mia_bacc"] <= 1 and "mia_bacc" not in res["runs"][0]["metrics"]
+    header = next(line for line in out.splitlines() if line.startswith("Method"))
+    assert "AtkBAcc%" in header
 
 
 def test_module_entry_point_help():

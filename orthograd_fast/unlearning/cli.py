@@ -3,6 +3,12 @@
     orthograd-fast unlearn --data digits --forget class:3 --method orthograd
     orthograd-fast compare --data digits --forget class:3 --methods all --seeds 3 --retain-size 64
     orthograd-fast compare --data digits --forget class:3 --methods orthograd,neggrad_plus --retain-size sweep
+    orthograd-fast compare --recipe fashion-mnist-cnn --forget random:500 --seeds 5 --retain-size 8,32,128
+
+``--recipe NAME`` takes the data set, training subset, model and training config of an
+original model from ``training.RECIPES`` (recipes that memorise their training set, as the
+paper's models do; ``--train-epochs`` still overrides the epochs); ``--data``, ``--model``,
+``--train-subset`` or ``--hidden`` given beside it must agree with it.
 
 Protocol (per seed s): the original model is trained on all of D_train and the retrain
 oracle on D_r with the same recipe and seed (both cached on disk, ``--cache-dir``); D_f
@@ -50,14 +56,16 @@ SWEEP_SIZES = (8, 16, 32, 64, 128)
 TABLE_NOTES = (
     "Forget = forget-set acc (UA = 100 - Forget); RA/TA = retain/test acc (class forgetting: TA on\n"
     "the remaining classes); AvgGap = mean |diff| to retrain over UA, MIA-eff, RA, TA (retrain row:\n"
-    "retrain-vs-retrain seed noise floor); Time = unlearning wall time (retrain: its training time)."
+    "retrain-vs-retrain seed noise floor); AtkBAcc = the MIA's own cross-validated balanced accuracy on\n"
+    "retain vs test (reference models; near 50: MIA-eff means nothing); Time = unlearning wall time\n"
+    "(retrain: its training time)."
 )
 CURVE_TEST_SAMPLES = 2000  # test accuracy along the runs (plots) uses at most this many samples
 AUTO_EVAL_FORGET = 2000  # --eval-every auto: every step up to this forget-set size, else every 5
 ORTHOGRAD_METHODS = ("orthograd", "orthograd_mean")
 TABLE_COLUMNS = (
     ("forget_acc", "Forget%", 100), ("retain_acc", "RA%", 100), ("test_acc", "TA%", 100),
-    ("mia_efficacy", "MIA-eff%", 100), ("loss_mia_auc", "LossAUC", 1), ("uis", "UIS", 1),
+    ("mia_efficacy", "MIA-eff%", 100), ("mia_bacc", "AtkBAcc%", 100), ("loss_mia_auc", "LossAUC", 1), ("uis", "UIS", 1),
     ("aus", "AUS", 1), ("avg_gap", "AvgGap%", 100), ("steps", "Steps", None), ("seconds", "Time s", None),
 )
 
@@ -138,12 +146,14 @@ def _parse_methods(text: str) -> list[str]:
 def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data and models")
     a = g.add_argument
-    a("--data", default="digits", help=f"one of {', '.join(_datasets.names())} (digits: bundled, default; "
+    a("--recipe", default=None, choices=tuple(_training.RECIPES),
+      help="a named original-model recipe (data, training subset, model, training config) that memorises")
+    a("--data", default=None, help=f"one of {', '.join(_datasets.names())} (digits: bundled, default; "
       "fashion-mnist: `make data`)")
     a("--data-root", default=None, help="folder with the Fashion-MNIST IDX files")
     a("--train-subset", type=int, default=None, help="fashion-mnist: train on a stratified subset of this size")
     a("--forget", default="class:3", help="class:K[,K2], random:FRACTION or random:COUNT (default class:3)")
-    a("--model", default="mlp", choices=_models.names(), help="architecture (default mlp)")
+    a("--model", default=None, choices=_models.names(), help="architecture (default mlp)")
     a("--hidden", default=None, help="MLP hidden widths, e.g. 256 or 256,128")
     a("--train-epochs", type=int, default=None, help="epochs of the original/retrain recipe")
     a("--cache-dir", default=None, help="model cache (default $ORTHOGRAD_FAST_CACHE or ~/.cache/orthograd_fast)")
@@ -194,7 +204,36 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------
 # the experiment
 # --------------------------------------------------------------------------------------
+def _resolve_recipe(args) -> argparse.Namespace:
+    """A copy of ``args`` with data/model/train_subset filled from ``--recipe`` (or the
+    defaults digits/mlp); ValueError when an explicit option disagrees with the recipe."""
+    args = argparse.Namespace(**vars(args))
+    if getattr(args, "recipe", None) is None:
+        args.recipe = None
+        args.data = args.data or "digits"
+        args.model = args.model or "mlp"
+        return args
+    r = _training.recipe(args.recipe)
+    if args.hidden is not None:
+        raise ValueError(f"--recipe {r.name} sets the model ({r.model}): drop --hidden")
+    for opt, given, value in (("data", args.data, r.dataset), ("model", args.model, r.model.arch),
+                              ("train-subset", args.train_subset, r.train_subset)):
+        if given is not None and (given != value and not (opt == "data" and _datasets.entry(given).name == value)):
+            raise ValueError(f"--recipe {r.name} sets --{opt} {value}, but --{opt} {given} was given: drop one")
+    args.data, args.model, args.train_subset = r.dataset, r.model.arch, r.train_subset
+    return args
+
+
 def _configs(args, ds):
+    if args.recipe is not None:
+        r = _training.recipe(args.recipe)
+        tcfg = r.train
+        if args.train_epochs is not None:
+            if args.train_epochs <= 0:
+                raise ValueError("--train-epochs must be positive")
+            tcfg = _training.TrainConfig(args.train_epochs, tcfg.batch_size, tcfg.lr, tcfg.momentum,
+                                         tcfg.weight_decay)
+        return r.model, tcfg
     mcfg, tcfg = _training.default_configs(ds.name, args.model)
     if args.hidden is not None:
         try:
@@ -355,7 +394,7 @@ def _unlearning_runs(args, opts, ds, spec, splits_by_size, refs):
                                              progress=progress, **_method_kwargs(args, m, opts["sets"], opts["lrs"]))
                     for w in caught:
                         tqdm.write(f"warning: {w.message}")
-                    met = _metrics.evaluate(model, ds, split, seed=s, original_test_acc=o_t)
+                    met = _metrics.evaluate(model, ds, split, seed=s, original_test_acc=o_t, attack_folds=None)
                     met.update(steps=res.steps, seconds=res.seconds)
                     if retrain_mean is not None:
                         met["avg_gap"] = _metrics.avg_gap(met, retrain_mean)
@@ -424,6 +463,7 @@ def _remove_empty(folders: list[Path]) -> None:
 def run_experiment(args) -> dict:
     """Run ``unlearn``/``compare`` as parsed by :func:`build_parser`; returns the results dict."""
     t_start = time.perf_counter()
+    args = _resolve_recipe(args)
     opts = _check_options(args)
     out, created = _make_out(args)
     try:
