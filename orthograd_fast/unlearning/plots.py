@@ -130,3 +130,119 @@ def plot_compare(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
+
+
+SWEEP_METRICS = (("uis", "UIS (lower is better)"), ("avg_gap", "Avg. Gap to retrain (lower is better)"),
+                 ("test_acc", "test accuracy"))
+
+
+def _variant_style(variants: Sequence[str]) -> dict:
+    """{variant: plot kwargs}: OrthoGrad thick, its ablations dashed in its colour family."""
+    colors = _colors([v for v in variants if not v.startswith("orthograd")] + ["orthograd"])
+    style = {}
+    for v in variants:
+        if v == "orthograd":
+            style[v] = {"color": colors["orthograd"], "lw": 2.6, "zorder": 5}
+        elif v.startswith("orthograd"):
+            style[v] = {"color": colors["orthograd"], "lw": 1.4, "ls": "--" if "mean" in v else ":"}
+        else:
+            style[v] = {"color": colors[v], "lw": 1.3}
+    return style
+
+
+def plot_retain_sweep(
+    cells: Mapping[str, Mapping[int, Mapping[str, Mapping[str, Mapping[str, float]]]]],
+    references: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]],
+    path: str | Path,
+    *,
+    variants: Sequence[str],
+    metrics: Sequence[tuple[str, str]] = SWEEP_METRICS,
+    title: str = "",
+) -> Path:
+    """The retain-size figure of ``bench/unlearning_study.py`` (PNG): one row per forgetting
+    kind, one column per metric, one line per variant (mean over seeds) with its 95 %
+    band; the retrain oracle dashed black (its noise floor for Avg. Gap) and the
+    original model dotted grey, each with its band.
+
+    cells: {kind: {retain size: {variant: {metric: {"mean", "lo", "hi"}}}}} (sizes as int
+    or str keys); references: {kind: {"original"/"retrain": {metric: {"mean", "lo", "hi"}}}}.
+    """
+    from matplotlib.figure import Figure
+
+    kinds = list(cells)
+    fig = Figure(figsize=(5.2 * len(metrics), 4.2 * len(kinds)), layout="constrained")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    style = _variant_style(variants)
+    for i, kind in enumerate(kinds):
+        sizes = sorted(cells[kind], key=int)
+        xs = np.array([int(s) for s in sizes], dtype=float)
+        for j, (key, label) in enumerate(metrics):
+            ax = fig.add_subplot(len(kinds), len(metrics), i * len(metrics) + j + 1)
+            for v in variants:
+                c = [cells[kind][s][v][key] for s in sizes]
+                mean = np.array([x["mean"] for x in c], dtype=float)
+                lo = np.array([x["lo"] for x in c], dtype=float)
+                hi = np.array([x["hi"] for x in c], dtype=float)
+                ax.plot(xs, mean, marker="o", ms=3, label=v, **style[v])
+                ax.fill_between(xs, lo, hi, color=style[v]["color"], alpha=0.12, lw=0)
+            for who, ls, color in (("retrain", "--", "k"), ("original", ":", "0.5")):
+                ref = references.get(kind, {}).get(who, {}).get(key)
+                if ref is None or not np.isfinite(ref["mean"]) or (who == "original" and key != "test_acc"):
+                    continue
+                ax.axhline(ref["mean"], ls=ls, color=color, lw=1,
+                           label=f"{who}{' (noise floor)' if key == 'avg_gap' and who == 'retrain' else ''}")
+                if np.isfinite(ref["lo"]):
+                    ax.axhspan(ref["lo"], ref["hi"], color=color, alpha=0.08, lw=0)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [str(int(x)) for x in xs])
+            ax.set(xlabel="retain-set size", ylabel=label, title=f"{kind} forgetting: {label.split(' (')[0]}")
+            ax.grid(alpha=0.3)
+            if i == 0 and j == len(metrics) - 1:
+                ax.legend(fontsize=7, loc="best")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    return path
+
+
+def plot_ablation(
+    paired: Mapping[str, Mapping[int, Mapping[str, Mapping[str, Mapping[str, float]]]]],
+    path: str | Path,
+    *,
+    ablations: Sequence[str],
+    reference: str = "orthograd",
+    metrics: Sequence[tuple[str, str]] = SWEEP_METRICS,
+) -> Path:
+    """Paired differences ``reference`` − ablation against the retain size (PNG): one row
+    per forgetting kind, one column per metric, mean with its 95 % band, 0 marked.
+
+    paired: {kind: {retain size: {ablation: {metric: {"mean", "lo", "hi"}}}}}.
+    """
+    from matplotlib.figure import Figure
+
+    kinds = list(paired)
+    fig = Figure(figsize=(5.2 * len(metrics), 3.8 * len(kinds)), layout="constrained")
+    style = _variant_style([reference, *ablations])
+    for i, kind in enumerate(kinds):
+        sizes = sorted(paired[kind], key=int)
+        xs = np.array([int(s) for s in sizes], dtype=float)
+        for j, (key, label) in enumerate(metrics):
+            ax = fig.add_subplot(len(kinds), len(metrics), i * len(metrics) + j + 1)
+            ax.axhline(0.0, color="k", lw=0.8)
+            for v in ablations:
+                c = [paired[kind][s][v][key] for s in sizes]
+                ax.plot(xs, [x["mean"] for x in c], marker="o", ms=3, label=f"{reference} − {v}", **style[v])
+                ax.fill_between(xs, [x["lo"] for x in c], [x["hi"] for x in c], color=style[v]["color"],
+                                alpha=0.15, lw=0)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(xs, [str(int(x)) for x in xs])
+            ax.set(xlabel="retain-set size", ylabel=f"difference in {label.split(' (')[0]}",
+                   title=f"{kind} forgetting")
+            ax.grid(alpha=0.3)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=7)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    return path
