@@ -530,3 +530,109 @@ def test_layer_without_gradient_and_all_rows_ignored(method, gen):
     sg.combine(torch.ones(2, dtype=torch.float64))
     assert all(p.grad is None or bool((p.grad == 0).all()) for p in model.parameters())
     sg.close()
+
+
+class ConvHead(nn.Module):
+    """Conv1d(3 -> 5, kernel 3) over 7 positions (T = 7 != d = 9), then a Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv1d(3, 5, 3, padding=1), nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.conv(x)).mean(-1))
+
+
+class TwoPositions(nn.Module):
+    """Linear(5 -> 4) at T = 2 positions per row, summed: the smallest sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 4)
+
+    def forward(self, x):
+        return self.lin(x).sum(1)
+
+
+@pytest.mark.parametrize("case", ["conv-partial-tiles", "two-positions-ghost", "two-positions-explicit"])
+def test_partial_tiles_and_two_positions(case, gen):
+    """Multi-row segments through the explicit path's partial tiles (stream mode, a tile
+    budget of 7 entries: the weight in (p, d) tiles, each from the generic patch GEMM), and
+    the ghost's flat rows at T = 2; fp64 against the fp64 loop."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    N = 9
+    if case == "conv-partial-tiles":
+        model, x, method = ConvHead().double(), torch.randn(N, 3, 7, generator=gen, dtype=torch.float64), "explicit"
+    else:
+        model, x = TwoPositions().double(), torch.randn(N, 2, 5, generator=gen, dtype=torch.float64)
+        method = case.rsplit("-", 1)[1]
+    y = torch.randint(0, 4, (N,), generator=gen)
+    seg = torch.tensor([0, 0, 1, 2, 2, 2, -1, 3, 1])
+    # stream mode keeps no tiles, so the budget decides the tiles (store mode would keep
+    # the whole (S, p·d) tensor: it is no larger than the recorded activations here)
+    sg = SampleGram(model, method=method, mode="stream" if case == "conv-partial-tiles" else "store")
+    if case == "conv-partial-tiles":
+        sg._opts.budget = 7
+    with sg.record(seg, num_segments=4):
+        _ce_sum(model(x), y).backward()
+    Kt = sg.gram(per_tensor=True)
+    sg.close()
+    gs = ref.segment_grads(ref.per_sample_grads_loop(copy.deepcopy(model), _ce_sum, x, y), seg, 4)
+    for name, K in ref.gram_from_grads(gs, per_tensor=True).items():
+        assert float((Kt[name] - K).norm()) <= 1e-10 * float(K.norm()), name
+
+
+class WithBatchStat(nn.Module):
+    """Per-row logits and, beside them, a batch statistic (for logging) that the loss ignores."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 7), nn.Linear(7, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        return self.b(h), h.mean(0)
+
+
+class InputFree(nn.Module):
+    """Outputs that do not depend on the inputs at all (a learned constant per row)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Parameter(torch.randn(3, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.c.expand(x.shape[0], 3) * 1.0
+
+
+def test_row_check_outputs_beside_batch_statistics(gen):
+    """An output mixing the rows (a batch mean) beside per-row logits is no reason to refuse:
+    the Gram of a loss on the logits is exact; a model none of whose outputs depends on its
+    input rows is refused with the message that says so."""
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+    model = WithBatchStat().double()
+    x = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (6,), generator=gen)
+    seg = torch.tensor([0, 1, 1, 2, -1, 0])
+
+    def loss(out, t):
+        return _ce_sum(out[0], t)
+
+    sg = SampleGram(model)
+    with sg.record(seg, num_segments=3):
+        loss(model(x), y).backward()
+    K = sg.gram()
+    sg.close()
+    K_ref = ref.gram_from_grads(ref.segment_grads(ref.per_sample_grads_loop(copy.deepcopy(model), loss, x, y), seg, 3))
+    assert float((K - K_ref).norm()) <= 1e-10 * float(K_ref.norm())
+
+    free = InputFree()
+    sg = SampleGram(free)
+    err = None
+    try:
+        with sg.record(seg, num_segments=3):
+            free(x).sum().backward()
+    except ValueError as e:
+        err = e
+    sg.close()
+    assert err is not None and "no output of the model" in str(err), err
