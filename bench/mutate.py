@@ -38,8 +38,8 @@ RESULTS = ROOT / "bench" / "results" / "mutation"
 BIN = Path(sys.executable).parent
 
 
-def _git(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", "-C", str(ROOT), *args], check=True, capture_output=True, **kw)
+def _git(*args: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-C", str(ROOT), *args], check=check, capture_output=True, **kw)
 
 
 def _slug(module: str) -> str:
@@ -112,13 +112,41 @@ def _sample(db: Path, n: int, seed: int) -> None:
 
 
 UNSAMPLED = "not sampled"
+NOT_RERUN = "not a survivor of the earlier run"
+
+
+def _only(db: Path, keys: set[tuple[str, int]]) -> None:
+    """Keep the pending mutants whose (operator, occurrence) is in keys, mark the rest
+    skipped (NOT_RERUN): the survivors of an earlier run of the same module file."""
+    from cosmic_ray.work_db import WorkDB, use_db
+    from cosmic_ray.work_item import WorkerOutcome, WorkResult
+
+    with use_db(str(db), WorkDB.Mode.open) as wdb:
+        for item in list(wdb.pending_work_items):
+            m = item.mutations[0]
+            if (m.operator_name, int(m.occurrence)) not in keys:
+                wdb.set_result(item.job_id, WorkResult(output=NOT_RERUN, worker_outcome=WorkerOutcome.SKIPPED))
+
+
+def _earlier_survivors(module: str, commit: str, earlier: str) -> tuple[set, dict]:
+    """(operator, occurrence) of the survivors recorded for ``module`` at ``earlier``, and
+    that run's summary; refuses when the module file differs between the two commits."""
+    if _git("diff", "--quiet", earlier, commit, "--", module, check=False).returncode != 0:
+        raise RuntimeError(f"{module} differs between {earlier[:12]} and {commit[:12]}: run it in full")
+    path = RESULTS / f"{earlier[:7]}-{_slug(module)}.json"
+    prev = json.loads(path.read_text())
+    return {(sv["operator"], sv["occurrence"]) for sv in prev["survivors"]}, prev
 
 
 def run_module(module: str, tests: list[str], commit: str, work: Path, run_cfg: dict, excluded: list[str],
-               sample: int | None = None, seed: int = 0) -> dict:
+               sample: int | None = None, seed: int = 0, survivors_of: str | None = None) -> dict:
     """Mutation-test one module at one commit; returns the summary (also written to
     bench/results/mutation/)."""
     slug = _slug(module)
+    keys = prev = None
+    if survivors_of is not None:
+        keys, prev = _earlier_survivors(module, commit, survivors_of)
+        slug += f".survivors-of-{survivors_of[:7]}"
     tree = work / slug / "tree"
     db = work / slug / "session.sqlite"
     cfg = work / slug / "cosmic-ray.toml"
@@ -146,6 +174,8 @@ def run_module(module: str, tests: list[str], commit: str, work: Path, run_cfg: 
             subprocess.run([cr, "init", str(cfg), str(db)], cwd=tree, env=env, check=True, stdout=lf, stderr=lf)
             subprocess.run([str(BIN / "cr-filter-operators"), str(db), str(cfg)], cwd=tree, env=env, check=True,
                            stdout=lf, stderr=lf)
+            if keys is not None:
+                _only(db, keys)
             if sample is not None:
                 _sample(db, sample, seed)
         t1 = time.perf_counter()
@@ -154,8 +184,17 @@ def run_module(module: str, tests: list[str], commit: str, work: Path, run_cfg: 
     _restore(commit, tree, module)
     dump = subprocess.run([cr, "dump", str(db)], cwd=tree, env=env, check=True, capture_output=True, text=True).stdout
     summary = _summarise(module, tests, commit, dump, baseline_s, timeout, exec_s)
+    if prev is not None:  # the earlier run's kills stand (same module file), its survivors re-run here
+        summary["rerun_of"] = prev["commit"]
+        for k in ("killed", "timeout"):
+            summary[k] += prev[k]
+        summary["exec_s"] += prev["exec_s"]
+        done = summary["killed"] + summary["timeout"] + summary["survived"]
+        summary["score"] = round((summary["killed"] + summary["timeout"]) / done, 4) if done else None
+        summary["mutants"] = prev["mutants"]
+        summary["not_rerun"] = 0
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{commit[:7]}-{slug}.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (RESULTS / f"{commit[:7]}-{_slug(module)}.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
 
@@ -170,7 +209,7 @@ def _summarise(module, tests, commit, dump: str, baseline_s, timeout, exec_s) ->
         if result["worker_outcome"] == "skipped":
             if result["output"] == UNSAMPLED:
                 counts["not_sampled"] += 1
-            continue  # else a filtered operator
+            continue  # else a filtered operator, or not re-run (--survivors-of)
         outcome = result["test_outcome"]
         if result["worker_outcome"] != "normal" or outcome == "incompetent":
             counts["incompetent"] += 1
@@ -226,6 +265,8 @@ def table(commit: str) -> str:
         tests = ", ".join(sorted({t.split("::")[0].removeprefix("tests/") for t in s["tests"]}))
         run = s["killed"] + s["timeout"] + s["survived"]
         note = f"sample of {run} of {run + s['not_sampled']}" if s.get("not_sampled") else "all"
+        if s.get("rerun_of"):
+            note += f" (survivors of {s['rerun_of'][:7]} re-run here, its kills kept: same file)"
         if s["pending"]:
             note += f", {s['pending']} not finished"
         rows.append(f"| {s['module']} | {tests} | {run} | {s['killed']} | {s['timeout']} | {s['survived']} | "
@@ -244,6 +285,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sample", type=int, default=None,
                     help="run a random N of each module's mutants (an estimate; the rest are 'not_sampled')")
     ap.add_argument("--seed", type=int, default=0, help="seed of --sample")
+    ap.add_argument("--survivors-of", default=None, metavar="REV",
+                    help="re-run only the survivors recorded at REV (same module file); its kills stand")
     ap.add_argument("--list", action="store_true", help="print the modules and their test files")
     ap.add_argument("--table", action="store_true", help="print the Markdown score table of --rev's results")
     args = ap.parse_args(argv)
@@ -264,7 +307,8 @@ def main(argv=None) -> int:
     print(f"mutation testing {len(chosen)} module(s) at {commit[:12]} in {work}", flush=True)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         futures = {pool.submit(run_module, m, modules[m]["tests"], commit, work, conf["run"], excluded,
-                               args.sample, args.seed): m
+                               args.sample, args.seed,
+                               args.survivors_of and _git("rev-parse", args.survivors_of, text=True).stdout.strip()): m
                    for m in chosen}
         failed = False
         for fut in concurrent.futures.as_completed(futures):

@@ -670,3 +670,21 @@ def test_projection_explicit_rtol(gen):
     for rtol, rank in ((1e-6, 1), (1e-8, 2), (0.0, 2)):
         _, info = project_orthogonal(g, G, rtol=rtol, return_info=True)
         assert info.rtol == rtol and info.rank == rank, (rtol, info.rank)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_projection_rounds_once(dtype, gen):
+    """fp16/bf16 g and G: the work (fp32) keeps every intermediate r of the refinement, and
+    only the result is rounded to g's dtype, so each entry is within one rounding
+    (u_out·|r_i|) of the fp64 projection of the same data, plus the fp32 work's error
+    ((B + 1)·u32·(|g_i| + Σ_k |c_k||G_ki|), twice: two passes). An intermediate r stored in
+    the half dtype would add a second rounding, up to 2·u_out·|r_i|."""
+    B, P = 4, 300
+    G = torch.randn(B, P, generator=gen).to(dtype)
+    g = torch.randn(P, generator=gen).to(dtype)
+    r, info = project_orthogonal(g, G, return_info=True, backend="torch")
+    exact = ref.project_svd(g.double(), G.double(), 1e-7)
+    u_out = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[dtype]
+    work = 2 * (B + 1) * U32 * (g.double().abs() + info.coefficients.abs() @ G.double().abs())
+    bound = 1.01 * (u_out * exact.abs() + work) + torch.finfo(dtype).smallest_normal * u_out
+    assert bool(((r.double() - exact).abs() <= bound).all()), float(((r.double() - exact).abs() / bound).max())
