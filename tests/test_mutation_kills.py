@@ -688,3 +688,13 @@ def test_half_precision_projection_rounds_once(dtype, gen):
     work = 2 * (B + 1) * U32 * (g.double().abs() + info.coefficients.abs() @ G.double().abs())
     bound = 1.01 * (u_out * exact.abs() + work) + torch.finfo(dtype).smallest_normal * u_out
     assert bool(((r.double() - exact).abs() <= bound).all()), float(((r.double() - exact).abs() / bound).max())
+
+
+def test_projection_refuses_a_sequence_paired_with_a_non_sequence(gen):
+    """g a list and G an iterator (or the other way round): refused with the message that
+    names the accepted types, never half-consumed."""
+    g = [torch.randn(5, generator=gen)]
+    G = [torch.randn(2, 5, generator=gen)]
+    for a, b in ((g, iter(G)), (iter(g), G)):
+        with pytest.raises(ValueError, match="sequences"):
+            project_orthogonal(a, b)
