@@ -399,3 +399,123 @@ def test_nonfinite_input_is_refused(gen):
         with sg.record(torch.arange(5)):
             model(x).square().sum().backward()
         sg.gram()
+
+
+# ---------------------------------------------------------------------------------------
+# the property test's findings (tests/test_sample_gram_property.py; notes in its header)
+# ---------------------------------------------------------------------------------------
+class SharedThenPooled(nn.Module):
+    """Position embeddings of (1, T) ids, then first- or last-token pooling: with T == N the
+    row check's gradient lands on one position, which may be index r0 (finding 5: a silent
+    mismatch before two cotangents and row-constancy were required)."""
+
+    def __init__(self, last: bool, T: int):
+        super().__init__()
+        self.last = last
+        self.inp, self.pos, self.head = nn.Linear(3, 4), nn.Embedding(T, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x) + self.pos(torch.arange(x.shape[1])[None]))
+        return self.head(h[:, -1] if self.last else h[:, 0])
+
+
+@pytest.mark.parametrize("last", [False, True])
+@pytest.mark.parametrize("N", [2, 3, 4, 5])
+def test_shared_embedding_then_pooling_T_equals_N(N, last, gen):
+    seed_torch(gen)
+    model = SharedThenPooled(last, N).double()
+    x = torch.randn(N, N, 3, generator=gen, dtype=torch.float64)
+    target = torch.randn(N, 2, generator=gen, dtype=torch.float64)
+    check_exact(model, [x], target, torch.arange(N), N, gen)
+
+
+class RepeatedIdsPooled(nn.Module):
+    """Per-row position ids (repeated), last-token pooling, T == N (finding 6)."""
+
+    def __init__(self, T):
+        super().__init__()
+        self.inp, self.pos, self.head = nn.Linear(3, 4), nn.Embedding(T, 4), nn.Linear(4, 2)
+
+    def forward(self, x, position_ids):
+        return self.head(torch.tanh(self.inp(x) + self.pos(position_ids))[:, -1])
+
+
+def test_repeated_position_ids_with_pooling(gen):
+    seed_torch(gen)
+    N = T = 3
+    model = RepeatedIdsPooled(T).double()
+    x = torch.randn(N, T, 3, generator=gen, dtype=torch.float64)
+    ids = torch.arange(T).repeat(N, 1)
+    target = torch.randn(N, 2, generator=gen, dtype=torch.float64)
+    check_exact(model, [x, ids], target, torch.arange(N), N, gen)
+
+
+class CrossAttnPadded(nn.Module):
+    """Cross-attention (the per-row fallback) with a per-row key padding mask that is equal
+    in most rows (finding 1: taken as shared, crashed inside torch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = nn.Linear(3, 4), nn.Linear(3, 4)
+        self.attn = nn.MultiheadAttention(4, 1, batch_first=True)
+
+    def forward(self, y, x, pad):
+        kv = self.enc(x)
+        return self.attn(self.dec(y), kv, kv, key_padding_mask=pad, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("padded_row", [0, 2, 4])
+def test_cross_attention_with_mostly_equal_padding_mask(padded_row, gen):
+    seed_torch(gen)
+    model = CrossAttnPadded().double()
+    y = torch.randn(5, 3, 3, generator=gen, dtype=torch.float64)
+    x = torch.randn(5, 4, 3, generator=gen, dtype=torch.float64)
+    pad = torch.zeros(5, 4, dtype=torch.bool)
+    pad[padded_row, 2:] = True
+    target = torch.randn(5, 3, 4, generator=gen, dtype=torch.float64)
+    check_exact(model, [y, x, pad], target, torch.arange(5), 5, gen)
+
+
+class ZeroMaskCross(nn.Module):
+    """A shared (L, L) additive mask whose rows are all equal, L == N (finding 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.kproj = nn.Linear(4, 4)
+        self.attn = nn.MultiheadAttention(4, 1, batch_first=True)
+
+    def forward(self, x):
+        L = x.shape[1]
+        kv = self.kproj(x)
+        return self.attn(x, kv, kv, attn_mask=torch.zeros(L, L, dtype=x.dtype), need_weights=False)[0]
+
+
+def test_row_equal_shared_mask_L_equals_N(gen):
+    seed_torch(gen)
+    model = ZeroMaskCross().double()
+    x = torch.randn(4, 4, 4, generator=gen, dtype=torch.float64)
+    target = torch.randn(4, 4, 4, generator=gen, dtype=torch.float64)
+    check_exact(model, [x], target, torch.arange(4), 4, gen)
+
+
+def test_parametrized_weight_with_one_row(gen):
+    """N = 1 (finding 2): a parametrization's weight computed from no per-row input."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    seed_torch(gen)
+    model = nn.Sequential(weight_norm(nn.Linear(3, 2))).double()
+    x = torch.randn(1, 5, 3, generator=gen, dtype=torch.float64)
+    target = torch.randn(1, 5, 2, generator=gen, dtype=torch.float64)
+    check_exact(model, [x], target, torch.arange(1), 1, gen)
+
+
+def test_zero_gradient_parameter_is_not_refused(gen):
+    """weight_norm with fan-in 1: the direction's gradient is zero in exact arithmetic
+    (finding 4: both sides of the probe were rounding noise, read as outside gradient)."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    seed_torch(gen)
+    model = nn.Sequential(nn.Linear(3, 1), nn.Tanh(), weight_norm(nn.Linear(1, 4))).double()
+    x = torch.randn(6, 5, 3, generator=gen, dtype=torch.float64)
+    target = torch.randn(6, 5, 4, generator=gen, dtype=torch.float64)
+    check_exact(model, [x], target, torch.arange(6), 6, gen)

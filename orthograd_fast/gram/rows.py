@@ -220,9 +220,10 @@ class OutputRows:
     problem: str | None = None
 
 
-def classify_output(dY: Verdict | None, dD: Verdict | None) -> OutputRows:
-    """Rows of a module output from its value change ΔY and its gradient under E (module
-    docstring, "Classification")."""
+def classify_output(dY: Verdict | None, dD: Verdict | None, const: list | None = None) -> OutputRows:
+    """Rows of a module output from its value change ΔY, its gradient under E (both
+    cotangents, merged) and, for an output no row's input changed, the layouts along which
+    its rows are equal (module docstring, "Classification")."""
     if dY is not None and dY.kind == SPREAD:
         return OutputRows(problem="its value changed in other rows when only one row's input changed: rows "
                                   "interact before or inside this module")
@@ -235,6 +236,13 @@ def classify_output(dY: Verdict | None, dD: Verdict | None) -> OutputRows:
         return OutputRows(problem="the gradient at its output changed in other rows when only one row's "
                                   "output gradient changed: rows interact after this module (BatchNorm in "
                                   "train mode, a batch statistic, attention across the batch)")
+    if dY is not None and dY.kind == EMPTY and const is not None:
+        # no row's input changed it: rows only where every row holds the same values (a
+        # table looked up by ids repeated per row); anything else is one tensor for all rows
+        fit = [L for L in dD.layouts if L in const]
+        if not fit:
+            return OutputRows(kind=SHARED)
+        dD = Verdict(LAYOUT if len(fit) == 1 else AMBIGUOUS, fit)
     L = _merge(dD, dY)
     if L is None:
         return OutputRows(problem=f"its rows cannot be told apart (layouts {[x.describe() for x in dD.layouts]} "
@@ -254,6 +262,9 @@ class CallRows:
     outs: list[OutputRows]
     args: list[Layout | None]
     arg_problem: str | None = None
+    #: unchanged inputs with the rows' size where the output holds them: {leaf index: that
+    #: layout}; ``args`` holds the first guess (per row if every row is equal, else shared)
+    flexible: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -353,10 +364,37 @@ def signature(model: nn.Module, args: tuple, kwargs: dict, N: int) -> tuple:
 _MISSING = object()
 
 
+def module_state(model: nn.Module) -> list:
+    """Every module's plain attributes and the contents of its hook dicts (a forward may
+    set a flag and register hooks the first time it runs: Hugging Face's output capture)."""
+    out = []
+    for m in model.modules():
+        hooks = {k: dict(v) for k, v in m.__dict__.items() if "hook" in k and isinstance(v, dict)}
+        out.append((m, dict(m.__dict__), hooks))
+    return out
+
+
+def restore_module_state(saved: list) -> None:
+    """Put back what :func:`module_state` saw: attributes added since are removed, changed
+    ones restored, hook dicts given their old contents (same dict objects)."""
+    for m, attrs, hooks in saved:
+        now = m.__dict__
+        for k in [k for k in now if k not in attrs]:
+            del now[k]
+        for k, v in attrs.items():
+            if now.get(k, _MISSING) is not v:
+                now[k] = v
+        for k, content in hooks.items():
+            d = now[k]
+            if d.keys() != content.keys():
+                d.clear()
+                d.update(content)
+
+
 class _BufferState:
-    """Every buffer of a model, and every module's plain attributes, restorable in place
-    (the check's runs must leave the model as they found it: running statistics, counters,
-    the ``self.last_shape = ...`` a forward sets)."""
+    """Every buffer of a model, restorable in place (between the check's runs and after
+    them), and every module's attributes and hooks (module_state; after them only, so that
+    run A starts where run B did)."""
 
     def __init__(self, model: nn.Module):
         self.saved = []
@@ -364,30 +402,33 @@ class _BufferState:
             for name, b in m._buffers.items():
                 if b is not None:
                     self.saved.append((m, name, b, b.detach().clone()))
-        self.attrs = [(m, dict(m.__dict__)) for m in model.modules()]
+        self.modules = module_state(model)
 
-    def restore(self) -> None:
+    def restore(self, everything: bool = False) -> None:
         with torch.no_grad():
             for m, name, b, copy in self.saved:
                 m._buffers[name] = b
                 if not torch.equal(b, copy):  # untouched buffers keep their version (autograd saves some)
                     b.copy_(copy)
-        for m, saved in self.attrs:
-            now = m.__dict__
-            for k in [k for k in now if k not in saved]:
-                del now[k]
-            for k, v in saved.items():
-                if now.get(k, _MISSING) is not v:
-                    now[k] = v
+        if everything:
+            restore_module_state(self.modules)
 
 
 def _pick_rows(leaves: list, batched: list[int], N: int, gen: torch.Generator) -> tuple[int, list[int]]:
-    """(r0, [r1, ...]): a row, and the other rows that differ from it in some per-row input
-    (at most 4, the candidates for run B's replacement)."""
+    """(r0, [r1, ...]): a row, and up to 4 other rows to copy into it in run B, those that
+    differ from it in the most per-row inputs first (a padding mask equal in r0 and r1
+    would read as shared by all rows), among up to 8 random candidates for r0."""
     order = torch.randperm(N, generator=gen).tolist()
-    r0 = order[0]
-    others = [r1 for r1 in order[1:] if any(not torch.equal(leaves[i][r0], leaves[i][r1]) for i in batched)]
-    return r0, others[:4]
+    best = (-1, order[0], [])
+    for r0 in order[:8]:
+        counts = [(sum(not torch.equal(leaves[i][r0], leaves[i][r]) for i in batched), r) for r in order if r != r0]
+        counts = sorted((c for c in counts if c[0] > 0), key=lambda c: -c[0])
+        top = counts[0][0] if counts else 0
+        if top > best[0]:
+            best = (top, r0, [r for _, r in counts[:4]])
+        if top == len(batched):
+            break
+    return best[1], best[2]
 
 
 def _perturb(leaves: list, batched: list[int], r0: int, r1: int | None, gen: torch.Generator) -> list:
@@ -405,13 +446,32 @@ def _perturb(leaves: list, batched: list[int], r0: int, r1: int | None, gen: tor
     return out
 
 
+def merge_verdicts(v1: Verdict | None, v2: Verdict | None) -> Verdict | None:
+    """One verdict from two experiments (cotangents on rows r0 and r0'): a layout must hold
+    both rows' changes; a change that does not move with the row (the gradient of a shared
+    output pooled at one position, which happens to be index r0) fits no common layout."""
+    if v1 is None or v1.kind == EMPTY:
+        return v2 if v2 is not None else v1
+    if v2 is None or v2.kind == EMPTY:
+        return v1
+    if SPREAD in (v1.kind, v2.kind):
+        return Verdict(SPREAD)
+    common = [L for L in v1.layouts if L in v2.layouts]
+    if not common:
+        return Verdict(SPREAD)
+    return Verdict(LAYOUT if len(common) == 1 else AMBIGUOUS, common)
+
+
 class _Recorder:
     """Forward hooks on the watched modules for one check run: per call, in run B the
     detached input and output leaves; in run A the comparison with run B (as it goes) and
-    hooks on outputs and inputs that need a gradient, to classify their gradient under E."""
+    hooks on outputs and inputs that need a gradient, to classify their gradient under each
+    cotangent (``phase`` 0: E on row r0; 1: E' on row r0')."""
 
-    def __init__(self, watched: dict[nn.Module, str], N: int, r0: int):
-        self.watched, self.N, self.r0 = watched, N, r0
+    def __init__(self, watched: dict[nn.Module, str], N: int, rows: tuple[int, int]):
+        self.watched, self.N, self.rows = watched, N, rows
+        self.r0 = rows[0]
+        self.phase = 0
         self.counts: dict[int, int] = {}
         self.values: dict[tuple[int, int], tuple[list, list]] = {}  # run B
         self.dY: dict[tuple[int, int], list] = {}
@@ -419,6 +479,8 @@ class _Recorder:
         self.dD: dict[tuple[int, int], list] = {}
         self.dG: dict[tuple[int, int], list] = {}
         self.const: dict[tuple[int, int], list] = {}
+        self.const_out: dict[tuple[int, int], list] = {}
+        self.cands: dict[tuple[int, int], list] = {}
         self.handles: list = []
         self.run = "B"
 
@@ -461,46 +523,57 @@ class _Recorder:
 
         self.dX[key] = compare(ins, before[0] if before else None)
         self.dY[key] = compare(outs, before[1] if before else None)
-        # inputs the perturbation left unchanged: the layouts along which every row is equal
-        # (position ids repeated per row hold the rows in dim 0 although no row differs)
-        self.const[key] = [
-            row_constant(x.detach(), N) if isinstance(x, torch.Tensor) and v is not None and v.kind == EMPTY else []
-            for x, v in zip(ins, self.dX[key])
-        ]
-        self.dD[key] = [None] * len(outs)
-        self.dG[key] = [None] * len(ins)
+
+        def constant(leaves, verdicts):  # unchanged tensors: the layouts along which every row is equal
+            return [row_constant(x.detach(), N) if isinstance(x, torch.Tensor) and v is not None and v.kind == EMPTY
+                    else [] for x, v in zip(leaves, verdicts)]
+
+        self.const[key] = constant(ins, self.dX[key])
+        self.const_out[key] = constant(outs, self.dY[key])
+        self.cands[key] = [candidates(x.shape, N) if isinstance(x, torch.Tensor) and v is not None and v.kind == EMPTY
+                           else [] for x, v in zip(ins, self.dX[key])]
+        self.dD[key] = [[None] * len(outs), [None] * len(outs)]
+        self.dG[key] = [[None] * len(ins), [None] * len(ins)]
         for store, leaves in ((self.dD[key], outs), (self.dG[key], ins)):
             for i, t in enumerate(leaves):
                 if isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point():
-                    self.handles.append(t.register_hook(_GradHook(store, i, N, r0)))
+                    self.handles.append(t.register_hook(_GradHook(self, store, i)))
 
     def result(self) -> dict[tuple[int, int], CallRows]:
         out = {}
         for key, dY in self.dY.items():
-            dD = self.dD[key]
-            outs = [classify_output(y, d) for y, d in zip(dY, dD)]
-            args, problem = [], None
+            dD = [merge_verdicts(a, b) for a, b in zip(*self.dD[key])]
+            dG = [merge_verdicts(a, b) for a, b in zip(*self.dG[key])]
+            outs = [classify_output(y, d, c) for y, d, c in zip(dY, dD, self.const_out[key])]
+            args, flexible, problem = [], {}, None
             L_out = outs[0].layout if outs else None
-            for x, gv, const in zip(self.dX[key], self.dG[key], self.const[key]):
+            for i, (x, gv, const, cands) in enumerate(zip(self.dX[key], dG, self.const[key], self.cands[key])):
                 if x is not None and x.kind == SPREAD:
                     problem = ("an input changed in other rows when only one row of the model's input "
                                "changed: rows interact before this module")
                 L = _merge(gv, x)
-                if L is None and L_out is not None and L_out in const:
-                    L = L_out  # equal in every row: sliced where the output holds the rows (each row's own copy)
+                if L is None and L_out is not None and L_out in cands:
+                    # unchanged, with the rows' size where the output holds them: per row (each
+                    # row its own copy) if every row is equal there, else shared — a guess the
+                    # per-row re-run may revise (rules/fallback.py, "flexible" inputs)
+                    flexible[i] = L_out
+                    if L_out in const:
+                        L = L_out
                 args.append(L)
-            out[key] = CallRows(outs, args, problem)
+            out[key] = CallRows(outs, args, problem, flexible)
         return out
 
 
 class _GradHook:
-    """Tensor hook: classify the gradient under E of one leaf (no reference to the tensor)."""
+    """Tensor hook: classify one leaf's gradient under the current cotangent (no reference
+    to the tensor)."""
 
-    def __init__(self, store: list, i: int, N: int, r0: int):
-        self.store, self.i, self.N, self.r0 = store, i, N, r0
+    def __init__(self, rec: _Recorder, store: list, i: int):
+        self.rec, self.store, self.i = rec, store, i
 
     def __call__(self, g):
-        self.store[self.i] = classify(nonzero(g.detach()), self.N, self.r0)
+        phase = self.rec.phase
+        self.store[phase][self.i] = classify(nonzero(g.detach()), self.rec.N, self.rec.rows[phase])
 
 
 class RowCheckError(ValueError):
@@ -509,8 +582,9 @@ class RowCheckError(ValueError):
 
 def _root_outputs(out_a: list, out_b: list, N: int, r0: int, gen: torch.Generator):
     """Row layouts of the model's output leaves (run A against run B), the leaves that get a
-    cotangent, their cotangents E (random on row r0's slice, zero elsewhere), and the
-    outputs whose change reached other rows (a description each)."""
+    cotangent with their layouts [(leaf, layout)], their cotangents E (random on row r0's
+    slice, zero elsewhere), and the outputs whose change reached other rows (a description
+    each)."""
     layouts: list[Layout | None] = []
     outs, cots, spread = [], [], []
     for j, (ya, yb) in enumerate(zip(out_a, out_b)):
@@ -526,12 +600,17 @@ def _root_outputs(out_a: list, out_b: list, N: int, r0: int, gen: torch.Generato
                 L = DIM0  # the contract decides between layouts the check cannot tell apart
         layouts.append(L)
         if L is not None and ya.requires_grad and ya.is_floating_point():
-            E = torch.zeros_like(ya)
-            Er = L.rows(E, N)[r0]  # a view of row r0's slice
-            Er.copy_(torch.randn(Er.shape, generator=gen, dtype=torch.float64))
-            outs.append(ya)
-            cots.append(E)
+            outs.append((ya, L))
+            cots.append(_localised(ya, L, N, r0, gen))
     return layouts, outs, cots, spread
+
+
+def _localised(y: torch.Tensor, L: Layout, N: int, r: int, gen: torch.Generator) -> torch.Tensor:
+    """A cotangent for y: random on row r's slice (layout L), zero elsewhere."""
+    E = torch.zeros_like(y)
+    Er = L.rows(E, N)[r]  # a view of row r's slice
+    Er.copy_(torch.randn(Er.shape, generator=gen, dtype=torch.float64))
+    return E
 
 
 def check_rows(model: nn.Module, watched: dict[nn.Module, str], args: tuple, kwargs: dict, N: int,
@@ -570,6 +649,9 @@ def check_rows(model: nn.Module, watched: dict[nn.Module, str], args: tuple, kwa
     # run B's candidates: another row's inputs (a row whose inputs give the same outputs, e.g.
     # a permutation of the same tokens under a pooling, is followed by the next), then noise
     attempts = replacements + ([None] if floats else [])
+    # the second cotangent's row: another row than r0 (and its replacement, when N allows)
+    r0b = next((r for r in torch.randperm(N, generator=gen).tolist()
+                if r != r0 and (N < 3 or not replacements or r != replacements[0])), r0)
     params = [p for p in model.parameters() if p.requires_grad]
     versions = [(n, p, p._version) for n, p in model.named_parameters()]
     devices = sorted({x.device.index or 0 for x in leaves if isinstance(x, torch.Tensor) and x.is_cuda})
@@ -588,7 +670,7 @@ def check_rows(model: nn.Module, watched: dict[nn.Module, str], args: tuple, kwa
             for attempt, r1 in enumerate(attempts):
                 if rec is not None:
                     rec.remove()
-                rec = _Recorder(watched, N, r0)
+                rec = _Recorder(watched, N, (r0, r0b))
                 rec.install()
                 if tracer is not None:
                     tracer.reset()
@@ -630,14 +712,23 @@ def check_rows(model: nn.Module, watched: dict[nn.Module, str], args: tuple, kwa
                     f"no output of the model has the {N} rows in dim 0 depending on its inputs' rows; the "
                     "model must return per-row outputs (e.g. logits) and the loss be computed from them"
                 )
-            grads = torch.autograd.grad(outs, params, cots, allow_unused=True) if params else ()
             trace_problem = None
-            if verify is not None:
-                trace_problem = verify(r0, {id(p): g for p, g in zip(params, grads)})
+            if params:
+                # first cotangent (row r0), the graph kept for the second (row r0'): a layout
+                # must hold both rows' gradients (merge_verdicts)
+                ys = [y for y, _ in outs]
+                grads = torch.autograd.grad(ys, params, cots, allow_unused=True, retain_graph=r0b != r0)
+                if verify is not None:
+                    trace_problem = verify(r0, {id(p): g for p, g in zip(params, grads)})
+                if r0b != r0:
+                    rec.phase = 1
+                    torch.autograd.grad(ys, params, [_localised(y, L, N, r0b, gen) for y, L in outs],
+                                        allow_unused=True)
+                    rec.phase = 0
     finally:
         if rec is not None:
             rec.remove()
-        buffers.restore()
+        buffers.restore(everything=True)
         if tracer is not None:
             tracer.close()
     written = [n for n, p, v in versions if p._version != v]

@@ -123,9 +123,14 @@ class SafetyNet:
                     moved.append(gname)
                 continue
             slack = _FALLBACK_SLACK if gname in step.seg_grads else _RULE_SLACK
-            if pr.mismatch(torch.finfo(self._tracked[gname].dtype).eps, slack):
+            if pr.mismatch(torch.finfo(self._tracked[gname].dtype).eps, slack, self._probe_floor(step)):
                 moved.append(gname)
         return moved
+
+    @staticmethod
+    def _probe_floor(step: _Step) -> float:
+        """The largest probe scale of the step (rules.base.Probe.mismatch's floor)."""
+        return max((pr.scale() for pr in step.probes.values()), default=0.0)
 
     def _reroute(self, gname: str, step: _Step) -> None:
         """Move a parameter whose probe failed to the whole-model fallback (sticky)."""
@@ -158,6 +163,8 @@ class SafetyNet:
             )
 
     def _bad(self, step: _Step, names) -> list[str]:
+        floor = self._probe_floor(step)
         return [
-            g for g in names if step.probes[g].mismatch(torch.finfo(self._tracked[g].dtype).eps, _FALLBACK_SLACK)
+            g for g in names
+            if step.probes[g].mismatch(torch.finfo(self._tracked[g].dtype).eps, _FALLBACK_SLACK, floor)
         ]

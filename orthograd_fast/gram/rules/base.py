@@ -12,6 +12,9 @@ summed gradient that the engine compares with autograd's (module docstring of
 Exact type, not ``isinstance``: a subclass may override ``forward`` (LoRA wrappers,
 ``NonDynamicallyQuantizableLinear`` used functionally by attention), so an unknown
 subclass goes to the exact fallback instead of a rule that may not match its forward.
+A class of another library is registered by its module path and name
+(``register_rule_by_name``), still matched exactly, so that the library is never imported
+here.
 
 Notation used by all rules: N rows (dim 0 of the module input, one segment id each), S
 segments, rows with id -1 are ignored. A row may hold T positions (sequence, pixels); the
@@ -27,6 +30,9 @@ import torch
 from torch import nn
 
 _RULES: dict[type, type["Rule"]] = {}
+#: rules for classes of other libraries, keyed by (``__module__``, ``__qualname__``), so that
+#: registering them imports nothing (hf_conv1d.py: transformers' Conv1D)
+_NAMED_RULES: dict[tuple[str, str], type["Rule"]] = {}
 
 
 def register_rule(*module_types: type):
@@ -40,9 +46,26 @@ def register_rule(*module_types: type):
     return deco
 
 
+def register_rule_by_name(module_path: str, qualname: str):
+    """Class decorator: serve the module class ``qualname`` defined in ``module_path``
+    (matched exactly: ``type(m).__module__`` and ``type(m).__qualname__``; a subclass is
+    another class) with the decorated rule, without importing ``module_path``."""
+
+    def deco(cls):
+        _NAMED_RULES[(module_path, qualname)] = cls
+        return cls
+
+    return deco
+
+
 def rule_class_for(module: nn.Module) -> type["Rule"] | None:
-    """The rule registered for ``type(module)``, or None."""
-    return _RULES.get(type(module))
+    """The rule registered for ``type(module)`` (by type, or by its module path and name), or
+    None."""
+    t = type(module)
+    cls = _RULES.get(t)
+    if cls is None and _NAMED_RULES:
+        cls = _NAMED_RULES.get((t.__module__, t.__qualname__))
+    return cls
 
 
 @dataclass
@@ -52,11 +75,14 @@ class GramOptions:
     method: "auto" (cost model), "ghost" or "explicit" for matrix layers (Linear, Conv).
     precision: "fast" (fp32 tiles, summed in fp64) or "high" (fp64 products throughout).
     budget: max elements of any temporary tile (per-row tiles, segment tiles, ghost blocks).
+    backend: "torch", "triton" or "auto" (Triton on CUDA tensors) for the matrix layers'
+        Grams (matrix_triton.py decides per layer).
     """
 
     method: str = "auto"
     precision: str = "fast"
     budget: int = 1 << 22
+    backend: str = "torch"
 
 
 class Segments:
@@ -163,12 +189,16 @@ class Probe:
         self.noise2 += float(noise2)
         self.count += int(count)
 
-    def mismatch(self, eps: float, mult: float) -> bool:
-        """True when |engine - autograd| exceeds the rounding allowance (class docstring)."""
-        scale = math.sqrt(max(self.count, 1)) * (
-            math.sqrt(self.noise2) / math.sqrt(self.m * self.n) + abs(self.engine)
-        )
-        return abs(self.engine - self.autograd) > mult * eps * scale + 1e-300
+    def scale(self) -> float:
+        """The size its rounding allowance is relative to (class docstring)."""
+        return math.sqrt(max(self.count, 1)) * (math.sqrt(self.noise2) / math.sqrt(self.m * self.n) + abs(self.engine))
+
+    def mismatch(self, eps: float, mult: float, floor: float = 0.0) -> bool:
+        """True when |engine - autograd| exceeds the rounding allowance (class docstring);
+        ``floor``: the allowance at least mult·eps·floor (the step's largest probe scale:
+        a parameter whose gradient is zero in exact arithmetic has two sides of pure
+        rounding noise, which must not read as gradient from outside its module)."""
+        return abs(self.engine - self.autograd) > mult * eps * max(self.scale(), floor) + 1e-300
 
 
 def probe_shape(p: torch.Tensor) -> tuple[int, int]:

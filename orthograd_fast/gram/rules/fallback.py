@@ -54,7 +54,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..rows import flat
+from ..rows import flat, module_state, restore_module_state
 from .base import (
     Call,
     GramOptions,
@@ -73,96 +73,144 @@ def per_row_grads(module: nn.Module, names: dict[str, str], calls: list[Call], N
     global, local relative to ``module``) summed over the recorded calls of ``module``; the
     module's state is left as the recorded forward left it (module docstring, "Side
     effects")."""
-    fixed = {k: v.detach() for k, v in module.named_parameters()}
+    # fp16/bf16 modules re-run in fp32 (an fp16 per-row gradient underflows: a Gram of zeros at
+    # a loss scale of 1e-3, measured): the same maths at least at fp32 products, as the rules do
+    fixed = {k: _up(v.detach()) for k, v in module.named_parameters()}
     # copies: in-place buffer updates of the re-runs land there (module docstring)
-    fixed.update({k: b.detach().clone() for k, b in module.named_buffers()})
+    fixed.update({k: _up(b.detach()).clone() for k, b in module.named_buffers()})
     theta = {loc: fixed[loc] for loc in names}
     with _no_side_effects(module, calls):
         return _per_row_grads(module, names, calls, N, fixed, theta)
 
 
 def _per_row_grads(module, names, calls, N, fixed, theta) -> dict[str, torch.Tensor]:
-    from torch.func import functional_call, grad, vmap
-
     out: dict[str, torch.Tensor] = {}
+    name = type(module).__name__
     for call in calls:
-        cots = [(i, g) for i, g in enumerate(call.grads) if g is not None]
-        if not cots:
+        if not any(g is not None for g in call.grads):
             continue
-        args, kwargs = call.saved
-        leaves, spec = tree_flatten((args, kwargs))
+        leaves = tree_flatten(call.saved)[0]
         lays = list(call.rows.args) if call.rows is not None and call.rows.args is not None else []
         extra = leaves[len(lays):]  # flags a rule appended (attention's need_weights=True)
         if len(lays) > len(leaves) or any(isinstance(x, torch.Tensor) for x in extra):
-            raise ValueError(f"SampleGram fallback: the rows of the inputs of {type(module).__name__} are unknown")
+            raise ValueError(f"SampleGram fallback: the rows of the inputs of {name} are unknown")
         lays += [None] * len(extra)
-        batched: list[torch.Tensor] = []  # per-row inputs, rows in dim 0 (rows.Layout.rows)
-        where: dict[int, int] = {}
-        slots = []
-        for leaf, lay in zip(leaves, lays):
-            if isinstance(leaf, torch.Tensor) and lay is not None:
-                if id(leaf) not in where:  # one object passed twice (q = k = v) stays one per row
-                    where[id(leaf)] = len(batched)
-                    batched.append(lay.rows(leaf.detach(), N))
-                slots.append((lay, where[id(leaf)]))
-            else:  # shared by all rows (masks, tables, flags): passed whole
-                slots.append((None, leaf.detach() if isinstance(leaf, torch.Tensor) else leaf))
-        out_lays, cot_vals = [], []
-        for i, g in cots:
-            lay = call.rows.outs[i].layout if i < len(call.rows.outs) else None
-            if lay is None:
-                raise ValueError(
-                    f"SampleGram fallback: output {i} of module {type(module).__name__} ({tuple(g.shape)}) "
-                    "receives a gradient but holds no rows the row check could find"
-                )
-            out_lays.append(lay)
-            cot_vals.append(lay.rows(g, N))
-        if not batched:
+        errors = []
+        for attempt in _assignments(lays, call.rows.flexible if call.rows is not None else {}):
+            try:
+                g = _call_row_grads(module, call, attempt, N, fixed, theta)
+                break
+            except _RandomDraw:
+                raise _random_error(module) from None
+            except (ValueError, RuntimeError, AssertionError, IndexError) as e:
+                errors.append(e)
+        else:
+            first = errors[0]
             raise ValueError(
-                f"SampleGram fallback: no input of module {type(module).__name__} holds the rows of the "
-                "batch, so its per-row gradients cannot be formed"
-            )
-        out_idx = [i for i, _ in cots]
-        name = type(module).__name__
-
-        def row_loss(th, rows_in, rows_cot, slots=slots, spec=spec, out_idx=out_idx, out_lays=out_lays):
-            vals = [lay.unrow(rows_in[v]) if lay is not None else v for lay, v in slots]
-            a, kw = tree_unflatten(vals, spec)
-            y = flat(functional_call(module, {**fixed, **th}, tuple(a), kw))
-            total = None
-            for i, lay, c in zip(out_idx, out_lays, rows_cot):
-                c = lay.unrow(c)
-                if y[i].shape != c.shape:
-                    raise ValueError(
-                        f"SampleGram fallback: run on one row, output {i} of {name} has shape "
-                        f"{tuple(y[i].shape)}, not that row's {tuple(c.shape)} (an input taken as shared "
-                        "by all rows is per row?)"
-                    )
-                term = (y[i] * c.to(y[i].dtype)).sum()
-                total = term if total is None else total + term
-            return total
-
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=".*performance drop.*")
-                g = vmap(grad(row_loss), in_dims=(None, 0, 0), randomness="error")(theta, batched, cot_vals)
-        except RuntimeError as e:
-            if "random" in str(e):
-                raise _random_error(module) from e
-            # not vmappable (nn.LSTM/GRU write into unbatched state, .item(), data-dependent
-            # control flow, ...): the same row losses, one autograd pass per row
-            warnings.warn(
-                f"SampleGram fallback: torch.func cannot vmap {type(module).__name__} ({str(e).splitlines()[0]}); "
-                f"its per-row gradients come from a loop of {N} backward passes (exact, slower)",
-                stacklevel=2,
-            )
-            g = _loop_row_grads(row_loss, theta, batched, cot_vals, module)
+                f"SampleGram fallback: {name} run on one row failed ({type(first).__name__}: "
+                f"{str(first).splitlines()[0] if str(first) else ''}); its per-row gradients cannot be formed"
+            ) from first
         for loc, gname in names.items():
             out[gname] = out[gname] + g[loc] if gname in out else g[loc]
     return out
 
 
-_MISSING = object()
+def _up(t):
+    """Half-precision floating tensors as fp32 (everything else as is)."""
+    if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16):
+        return t.float()
+    return t
+
+
+class _RandomDraw(Exception):
+    """The module drew random numbers during a per-row re-run."""
+
+
+def _assignments(lays: list, flexible: dict):
+    """The inputs' row layouts to try: the row model's first guess, then the other choices
+    for its ``flexible`` inputs (unchanged by the row check: per row or shared), at most 8."""
+    yield lays
+    keys = sorted(flexible)[:3]
+    for mask in range(1, 1 << len(keys)):
+        alt = list(lays)
+        for j, k in enumerate(keys):
+            if mask >> j & 1:
+                alt[k] = None if lays[k] is not None else flexible[k]
+        yield alt
+
+
+def _call_row_grads(module, call, lays, N, fixed, theta) -> dict[str, torch.Tensor]:
+    """{local name: (N, *shape)} for one recorded call with the inputs' rows at ``lays``; the
+    module run on one row must give exactly that row's output shapes (else ValueError)."""
+    from torch.func import functional_call, grad, vmap
+
+    name = type(module).__name__
+    cots = [(i, g) for i, g in enumerate(call.grads) if g is not None]
+    leaves, spec = tree_flatten(call.saved)
+    batched: list[torch.Tensor] = []  # per-row inputs, rows in dim 0 (rows.Layout.rows)
+    where: dict[int, int] = {}
+    slots = []
+    for leaf, lay in zip(leaves, lays):
+        if isinstance(leaf, torch.Tensor) and lay is not None:
+            if id(leaf) not in where:  # one object passed twice (q = k = v) stays one per row
+                where[id(leaf)] = len(batched)
+                batched.append(lay.rows(_up(leaf.detach()), N))
+            slots.append((lay, where[id(leaf)]))
+        else:  # shared by all rows (masks, tables, flags): passed whole
+            slots.append((None, _up(leaf.detach()) if isinstance(leaf, torch.Tensor) else leaf))
+    out_lays, cot_vals = [], []
+    for i, g in cots:
+        lay = call.rows.outs[i].layout if i < len(call.rows.outs) else None
+        if lay is None:
+            raise ValueError(
+                f"SampleGram fallback: output {i} of module {name} ({tuple(g.shape)}) "
+                "receives a gradient but holds no rows the row check could find"
+            )
+        out_lays.append(lay)
+        cot_vals.append(lay.rows(_up(g), N))
+    if not batched and N != 1:
+        raise ValueError(
+            f"SampleGram fallback: no input of module {name} holds the rows of the batch, so its "
+            "per-row gradients cannot be formed"
+        )
+    out_idx = [i for i, _ in cots]
+
+    def row_loss(th, rows_in, rows_cot, slots=slots, spec=spec, out_idx=out_idx, out_lays=out_lays):
+        vals = [lay.unrow(rows_in[v]) if lay is not None else v for lay, v in slots]
+        a, kw = tree_unflatten(vals, spec)
+        y = flat(functional_call(module, {**fixed, **th}, tuple(a), kw))
+        total = None
+        for i, lay, c in zip(out_idx, out_lays, rows_cot):
+            c = lay.unrow(c)
+            if y[i].shape != c.shape:
+                raise ValueError(
+                    f"SampleGram fallback: run on one row, output {i} of {name} has shape "
+                    f"{tuple(y[i].shape)}, not that row's {tuple(c.shape)} (an input taken as shared "
+                    "by all rows is per row?)"
+                )
+            term = (y[i] * c.to(y[i].dtype)).sum()
+            total = term if total is None else total + term
+        return total
+
+    if not batched:  # one row (N = 1) and no input tensor: the call is that row
+        g = grad(row_loss)(theta, [], [c[0] for c in cot_vals])
+        return {k: v.unsqueeze(0) for k, v in g.items()}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*performance drop.*")
+            return vmap(grad(row_loss), in_dims=(None, 0, 0), randomness="error")(theta, batched, cot_vals)
+    except RuntimeError as e:
+        if "random" in str(e):
+            raise _RandomDraw() from e
+        # not vmappable (nn.LSTM/GRU write into unbatched state, .item(), data-dependent
+        # control flow, ...): the same row losses, one autograd pass per row
+        g = _loop_row_grads(row_loss, theta, batched, cot_vals, module)
+        warnings.warn(
+            f"SampleGram fallback: torch.func cannot vmap {name} ({str(e).splitlines()[0]}); "
+            f"its per-row gradients come from a loop of {N} backward passes (exact, slower)",
+            stacklevel=4,
+        )
+        return g
 
 
 @contextmanager
@@ -175,19 +223,13 @@ def _no_side_effects(module: nn.Module, calls: list[Call]):
     for call in calls:
         tensors += [t for t in tree_flatten(call.saved)[0] if isinstance(t, torch.Tensor)]
     devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
-    attrs = [(m, dict(m.__dict__)) for m in module.modules()]
+    state = module_state(module)
     versions = [(name, p, p._version) for name, p in module.named_parameters()]
     try:
         with torch.random.fork_rng(devices=devices):
             yield
     finally:
-        for m, saved in attrs:
-            now = m.__dict__
-            for k in [k for k in now if k not in saved]:
-                del now[k]
-            for k, v in saved.items():
-                if now.get(k, _MISSING) is not v:
-                    now[k] = v
+        restore_module_state(state)
     written = [name for name, p, v in versions if p._version != v]
     if written:
         raise ValueError(
@@ -229,7 +271,7 @@ def _loop_row_grads(row_loss, theta: dict[str, torch.Tensor], batched: list[torc
             if r == 0 and any(
                 a is not None and not torch.equal(a, b) for a, b in zip(before, _rng_states(batched[0].device))
             ):
-                raise _random_error(module)
+                raise _RandomDraw()
     return out
 
 

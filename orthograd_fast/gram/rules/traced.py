@@ -171,12 +171,18 @@ class ParamTracer(TorchFunctionMode):
         self.handles.clear()
 
 
+def _up(t: torch.Tensor) -> torch.Tensor:
+    """Half precision as fp32 (per-row gradients at fp32 products at least)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def traced_row_grads(tracer: ParamTracer, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """{name: (N, *shape)} per-row gradients of the traced parameters (module docstring)."""
     from torch.func import grad, vmap
 
     N = tracer.N
-    out = {g: torch.zeros((N, *p.shape), dtype=p.dtype, device=p.device) for g, p in params.items()}
+    up = {torch.float16: torch.float32, torch.bfloat16: torch.float32}  # half: replayed in fp32
+    out = {g: torch.zeros((N, *p.shape), dtype=up.get(p.dtype, p.dtype), device=p.device) for g, p in params.items()}
     for use in tracer.uses:
         if tuple(r._version for r in use.rows) != use.versions:
             raise ValueError("SampleGram: an input of an op using a traced parameter was modified in place")
@@ -184,7 +190,7 @@ def traced_row_grads(tracer: ParamTracer, params: dict[str, torch.Tensor]) -> di
         if not cots:
             continue
         names = use.params()
-        theta = {g: params[g].detach() for g in names}
+        theta = {g: _up(params[g].detach()) for g in names}
         idx = [j for j, _ in cots]
         ds = [d for _, d in cots]
         if use.kind == "rows":
@@ -203,7 +209,7 @@ def traced_row_grads(tracer: ParamTracer, params: dict[str, torch.Tensor]) -> di
                 y = tree_flatten(use.func(*a, **kw))[0]
                 return sum((y[j] * d.unsqueeze(0).to(y[j].dtype)).sum() for j, d in zip(idx, ds))
 
-            args, dims = (theta, use.rows, ds), (None, 0, 0)
+            args, dims = (theta, [_up(r) for r in use.rows], [_up(d) for d in ds]), (None, 0, 0)
         else:
             node = use.slots[0][1]
 
@@ -211,7 +217,7 @@ def traced_row_grads(tracer: ParamTracer, params: dict[str, torch.Tensor]) -> di
                 q = node.value(th, {})
                 return sum((q.expand((1,) + tuple(d.shape)) * d.unsqueeze(0).to(q.dtype)).sum() for d in ds)
 
-            args, dims = (theta, ds), (None, 0)
+            args, dims = (theta, [_up(d) for d in ds]), (None, 0)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*performance drop.*")
             g = vmap(grad(f), in_dims=dims, randomness="error")(*args)
