@@ -282,6 +282,12 @@ class OrthoGrad:
                         "OrthoGrad only writes .grad of the model's trainable parameters"
                     )
                 held.add(id(p))
+            if group.get("maximize", False):
+                raise ValueError(
+                    "the optimizer has maximize=True: OrthoGrad writes a descent direction into .grad "
+                    "(it ascends the forget loss itself), so a maximizing optimizer would learn the "
+                    "forget set; construct the optimizer with maximize=False"
+                )
         # the projection is over the tensors the step moves: those the optimizer holds
         self.named = [(n, p) for n, p in self.named if id(p) in held]
         self._numel = {n: p.numel() for n, p in self.named}
@@ -376,6 +382,14 @@ class OrthoGrad:
         dev = xr.device
         seg_r = torch.arange(B, device=dev) if per_sample else torch.zeros(B, dtype=torch.long, device=dev)
         segments = torch.cat([seg_r, torch.full((Fn,), nb, dtype=torch.long, device=dev)])
+        pdt = self.named[0][1].dtype
+        for what, t in (("retain", xr), ("forget", xf)):
+            if t.is_floating_point() and t.dtype != pdt and pdt.is_floating_point and \
+                    {t.dtype, pdt} != {torch.float16, torch.float32} and {t.dtype, pdt} != {torch.bfloat16, torch.float32}:
+                raise ValueError(
+                    f"the {what} inputs are {t.dtype} but the model's parameters are {pdt}: cast the data "
+                    f"(e.g. x.to({pdt}))"
+                )
         x = torch.cat([xr, xf.to(dtype=xr.dtype, device=dev)])
         y = torch.cat([yr, yf.to(device=dev)])
 
@@ -438,6 +452,16 @@ class OrthoGrad:
         before = {n: p.detach().clone() for n, p in self.named} if X is not None else None
         written = {n: p.grad.detach().double() for n, p in self.named if p.grad is not None}
         self.optimizer.step()
+        if not all(bool(torch.isfinite(p).all()) for _, p in self.named):
+            if before is not None:
+                with torch.no_grad():
+                    for n, p in self.named:
+                        p.copy_(before[n])
+            raise NonFiniteGradientError(
+                f"{type(self.optimizer).__name__}.step() made parameters non-finite from a finite gradient "
+                f"(an overflow in the optimizer's arithmetic, e.g. Adam's eps underflowing in fp16: use "
+                f"fp32 master weights){'; the parameters were restored' if before is not None else ''}"
+            )
         if post:
             stats.update(self._project_step(grams, X, before, nb))
         stats.update(self._step_stats(grams, X, before, written, weights, steps, why, nb))
@@ -615,7 +639,9 @@ class OrthoGrad:
         (fp64 products of the fp32 X and Δθ). The bound (no X): the solve's residual, plus
         the combination's rounding u·sqrt(n)·Σ_s|w_s|‖g_s‖/‖d‖ (n the rows summed; a typical
         -error model), plus the rounding of θ − lr·g in the parameters' dtype, u·‖θ‖/‖Δθ‖.
-        ``orthogonality`` is the measured value when there is one, else the bound.
+        ``orthogonality`` is the measured value when there is one, else the bound; NaN for a
+        step the optimizer model does not cover (unmodelled, or optimizer_aware=False) and
+        that is not measured (measure=True or project_step=True measure it).
         """
         out = {"optimizer": "unmodelled" if why and why != "optimizer_aware=False" else
                ("not modelled (optimizer_aware=False)" if why else type(self.optimizer).__name__)}
@@ -630,6 +656,9 @@ class OrthoGrad:
         if X is not None:
             out.update(self._step_stats_measured(X, before, K, g_norm, G2, nb))
             out["orthogonality"] = out["step_orthogonality"]
+            return out
+        if why is not None:  # a step that is not modelled has no bound from the Grams: unknown
+            out["orthogonality"] = float("nan")  # (measure=True or project_step=True measure it)
             return out
         if self.alpha > 0:  # the bound of the ascent part −(1−α)·g_u⊥ (the α part descends on purpose)
             weights = ({n: self._ascent_part(w, nb) for n, w in weights.items()} if isinstance(weights, dict)

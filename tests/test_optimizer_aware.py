@@ -232,3 +232,59 @@ def test_default_figure_bounds_the_true_orthogonality(gen):
         true = float((G @ d).norm() / (torch.linalg.matrix_norm(G, 2) * d.norm()))
         assert true <= st["orthogonality"] == st["step_orthogonality_bound"], (true, st)
         assert st["solve_orthogonality"] < 1e-12 < true
+
+
+def test_maximize_is_refused():
+    model = mlp()
+    with pytest.raises(ValueError, match="maximize"):
+        OrthoGrad(model, torch.optim.SGD(model.parameters(), lr=0.1, maximize=True))
+
+
+def test_non_finite_step_restores_and_raises(gen):
+    """An optimizer that turns a finite gradient into non-finite weights (simulated):
+    OrthoGrad restores the weights it copied and raises."""
+    from orthograd_fast.orthograd import NonFiniteGradientError
+
+    seed_torch(gen)
+    model = mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    orig = opt.step
+
+    def bad_step(closure=None):
+        orig()
+        with torch.no_grad():
+            model[0].weight[0, 0] = float("nan")
+
+    opt.step = bad_step
+    og = OrthoGrad(model, opt)
+    xr, yr = data("mlp", 5, gen)
+    xf, yf = data("mlp", 2, gen)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(NonFiniteGradientError, match="restored"):
+        og.step((xf, yf), (xr, yr))
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_data_dtype_mismatch_is_a_clear_error(gen):
+    model = mlp()
+    og = OrthoGrad(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    xr, yr = data("mlp", 5, gen)
+    xf, yf = data("mlp", 2, gen)
+    with pytest.raises(ValueError, match="float64 but the model"):
+        og.step((xf.double(), yf), (xr.double(), yr))
+
+
+def test_unmodelled_unmeasured_step_reports_unknown(gen):
+    import math
+    import warnings
+
+    seed_torch(gen)
+    model = mlp()
+    og = OrthoGrad(model, torch.optim.Adagrad(model.parameters(), lr=1e-2))
+    xr, yr = data("mlp", 5, gen)
+    xf, yf = data("mlp", 2, gen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        st = og.step((xf, yf), (xr, yr))
+    assert math.isnan(st["orthogonality"]) and "step_orthogonality_bound" not in st

@@ -512,3 +512,31 @@ def test_retrain_refuses_before_any_change(digits_like):
     with pytest.raises(ValueError, match="retain loader, batch 0"):
         unlearn(m, _loader(xr, y[:40], 10), F_, method="retrain", epochs=1)
     assert _same_model(m, model)
+
+
+def test_left_padded_lm_batch_is_exact(gen):
+    """A left-padded batch (padding_side="left") through task="lm" on GPT-2 (absolute
+    position embeddings): position ids from the mask and no pad -> first-token term, so the
+    step is orthogonal to the fp64 gradients of the unpadded sequences."""
+    import transformers as T
+
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_positions=40, n_embd=32, n_layer=2, n_head=2,
+                                           pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    lens = [12, 5, 9, 12, 3, 7]
+    seqs = [torch.randint(3, 64, (1, L), generator=gen) for L in lens]
+    ids, mask = torch.zeros(6, 12, dtype=torch.long), torch.zeros(6, 12, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, 12 - lens[i]:], mask[i, 12 - lens[i]:] = s, 1
+    m64 = copy.deepcopy(model).double().eval()
+    G = []
+    for s in seqs:
+        m64.zero_grad()
+        F.cross_entropy(m64(input_ids=s).logits[0, :-1], s[0, 1:]).backward()
+        G.append(torch.cat([p.grad.reshape(-1) for p in m64.parameters()]))
+    G = torch.stack(G)
+    before = [p.detach().clone() for p in model.parameters()]
+    unlearn(model, [{"input_ids": ids, "attention_mask": mask}],
+            [{"input_ids": torch.randint(3, 64, (3, 8), generator=gen)}], task="lm", steps=1, lr=0.05, stop=FREEZE)
+    d = torch.cat([(p.detach() - t).double().reshape(-1) for p, t in zip(model.parameters(), before)])
+    assert float(((G @ d).abs() / (G.norm(dim=1) * d.norm())).max()) <= 1e-5

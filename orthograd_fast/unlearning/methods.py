@@ -236,20 +236,24 @@ class Scrub(Method):
 
 
 class OrthoGradMethod(Method):
-    """OrthoGrad with an SGD optimizer (see :class:`~orthograd_fast.orthograd.OrthoGrad`),
-    the task's per-row losses as its loss, the step in eval mode unless ``eval_mode=False``."""
+    """OrthoGrad (see :class:`~orthograd_fast.orthograd.OrthoGrad`) with the method's optimizer
+    (``optimizer``: "sgd", "adam", "adamw", or a callable(params, lr); any other optimizer's
+    step is projected with ``project_step=True``), the task's per-row losses as its loss, the
+    step in eval mode unless ``eval_mode=False``; ``measure=True`` measures every step's
+    orthogonality on the actual weight change."""
 
     name = "orthograd"
     retain_grads = "per_sample"
 
     def __init__(self, model, *, alpha: float = 0.0, granularity: str = "global",
-                 rtol: float | None = None, backend: str = "auto", engine=None, eval_mode: bool = True, **kw):
+                 rtol: float | None = None, backend: str = "auto", engine=None, eval_mode: bool = True,
+                 project_step: bool = False, measure: bool = False, **kw):
         max_grad_norm = kw.get("max_grad_norm")
         super().__init__(model, **kw)
         self.og = OrthoGrad(
             self.net, self.optimizer, loss_fn=self.task.row_losses, granularity=granularity, alpha=alpha,
             retain_grads=self.retain_grads, rtol=rtol, max_grad_norm=max_grad_norm,
-            backend=backend, engine=engine, eval_mode=eval_mode,
+            backend=backend, engine=engine, eval_mode=eval_mode, project_step=project_step, measure=measure,
         )
 
     def step(self, forget_batch, retain_batch) -> dict:

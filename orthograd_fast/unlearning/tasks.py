@@ -37,9 +37,11 @@ is the one of the unpadded sequence. (The pad id's value is therefore immaterial
 default is the model's ``config.pad_token_id``, else its ``eos_token_id``, else 0.)
 
 The model is called as ``model(input_ids, attention_mask=..., position_ids=...)``, each
-keyword passed only when its ``forward`` names it. Position ids are 0..T−1 for every row
-(what a causal LM computes itself when none are given), passed as an (N, T) tensor so
-that a position embedding sees one row per sequence, as the per-sample Gram engine needs.
+keyword passed only when its ``forward`` names it. Position ids count the row's own
+tokens: cumsum(attention_mask) − 1 (0 on padding), so a left-padded sequence's tokens get
+the positions they have unpadded (with 0..T−1 for every row, GPT-2's absolute position
+embeddings shifted a left-padded row: its step was 0.11-0.18 off orthogonal to its
+unpadded gradient); passed as an (N, T) tensor, one row per sequence.
 """
 from __future__ import annotations
 
@@ -189,9 +191,8 @@ class CausalLMAdapter(nn.Module):
         kw = {}
         if self.takes_mask:
             kw["attention_mask"] = mask
-        if self.takes_positions:
-            n, t = ids.shape
-            kw["position_ids"] = torch.arange(t, device=ids.device).expand(n, t)
+        if self.takes_positions:  # from the mask: a left-padded row's first token is position 0
+            kw["position_ids"] = (mask.long().cumsum(-1) - 1).clamp_min(0)
         return self.model(ids, **kw)
 
 
@@ -246,6 +247,10 @@ class CausalLM(Task):
             shape = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
             raise ValueError(f"{what}: labels must be an integer tensor of the input_ids' shape {tuple(ids.shape)}, "
                              f"got {shape}")
+        # a token whose previous position is padding is its sequence's first: never predicted
+        # (left padding would otherwise add a pad -> first-token term the unpadded row lacks)
+        labels = labels.clone()
+        labels[:, 1:] = labels[:, 1:].masked_fill(mask[:, :-1] == 0, self.ignore_index)
         empty = (labels[:, 1:] != self.ignore_index).sum(1) == 0
         if bool(empty.any()):
             raise ValueError(
