@@ -81,10 +81,11 @@ from .assign import Assignment
 from .capture import Capture, _no_tf32, _Step, _tensors
 from .fallbacks import Fallbacks
 from .rules import GramOptions, Segments
+from .rules.matrix_triton import check_backend
 from .safety import SafetyNet
 
 _MODES = ("store", "stream")
-_BACKENDS = ("auto", "torch")
+_BACKENDS = ("auto", "torch", "triton")
 _METHODS = ("auto", "ghost", "explicit")
 _PRECISIONS = ("fast", "high")
 
@@ -101,7 +102,12 @@ class SampleGram(Assignment, Capture, SafetyNet, Fallbacks):
         params: parameters to serve (default: every parameter with ``requires_grad``, so a
             frozen backbone with trainable adapters needs nothing). Each must require grad.
         mode: "store" or "stream" (module docstring).
-        backend: "auto" or "torch" (the CPU production path; no other backend yet).
+        backend: "auto", "torch" or "triton", for the Linear/Conv Grams (the other rules and
+            every combination run as torch ops). "triton": the Triton kernels
+            (rules/matrix_triton.py), on CUDA tensors or, with TRITON_INTERPRET=1, CPU ones;
+            a ValueError here when neither is possible or with precision="high", and at
+            record() for a layer they cannot serve (fp64 rows). "auto": the kernels for
+            CUDA tensors where they can serve, the torch path otherwise (the CPU's).
         method: "auto" (per-layer cost model), "ghost" or "explicit", for Linear/Conv weights.
         precision: "fast" (fp32 products summed in fp64) or "high" (fp64 products).
         record_grads: True: after ``record()`` the served parameters' ``.grad`` hold autograd's
@@ -132,12 +138,14 @@ class SampleGram(Assignment, Capture, SafetyNet, Fallbacks):
         ):
             if val not in allowed:
                 raise ValueError(f"SampleGram: {name}={val!r}, expected one of {allowed}")
+        check_backend(backend, precision)
         self.model = model
         self.mode = mode
         self.backend = backend
         self.record_grads = bool(record_grads)
         # stream mode forms Grams while autograd still holds the activations: smaller tiles
-        self._opts = GramOptions(method=method, precision=precision, budget=1 << (20 if mode == "stream" else 22))
+        self._opts = GramOptions(method=method, precision=precision, budget=1 << (20 if mode == "stream" else 22),
+                                 backend=backend)
         self._tracked = self._resolve_params(params)
         self._build_rules()
         self._bn = [(p, m) for p, m in model.named_modules() if isinstance(m, _BatchNorm)]

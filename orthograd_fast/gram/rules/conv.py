@@ -16,7 +16,11 @@ combine uses the convolution's own weight-gradient kernel on row-scaled output g
 (``aten.convolution_backward``, output_mask (False, True, False)): no patches at all; like
 Linear, only over the rows whose weight differs from the most common one when autograd's
 summed gradient is known (base.dominant_weight); or Σ_s w_s X_s in the engine when the
-explicit Gram kept the segment gradients (matrix.py, "Kept tiles"). The
+explicit Gram kept the segment gradients (matrix.py, "Kept tiles"). On every backend
+(backend="triton" included: its kernels form the Grams from the unfolded patches,
+matrix_triton.py) combine is this weight-gradient convolution: on an H200 it beat the
+Triton combination kernel on every convolution of bench/gpu_gram_bench.py, as the scaled
+GEMM did on every Linear (kernels/gram_combine.py). The
 probe uᵀ(ΣdW)w = Σ_{r,l,g} (D_g·u_g)(A_g·w) is a depthwise conv of a channel
 contraction of xp (the probe's w is v ⊗ k, rules.base.Probe).
 """

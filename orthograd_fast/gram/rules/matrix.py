@@ -34,6 +34,11 @@ rows, the probe is uᵀ(Σ_s X_s)w, and the layer's A and D can be dropped right
 Rows of a segment that sit next to each other in the batch are read as slices (views), not
 gathered: an OrthoGrad batch is [retain rows, one per segment; forget rows, one segment].
 
+Backends. These are the torch path's (the reference, and the CPU's); with backend
+"triton" (or "auto" on CUDA) matrix_triton.py forms the ghost Gram and the explicit Gram
+without kept tiles with the Triton kernels, the same cancellation safeguard included
+(``guard_ghost``); kept tiles and combine stay torch ops (matrix_triton.py says why).
+
 Row providers. Both paths read rows through ``MatrixRows.chunk(idx)``, which returns
 A: (n, G, d, T) and D: (n, G, p, T) for the rows ``idx`` (a slice or an index tensor;
 position-last, so a conv's patches and its output gradient are views). Conv unfolds
@@ -219,16 +224,34 @@ def keeps_tiles(N: int, T: int, G: int, d: int, p: int, S: int, held: int, opts:
 
 def gram(
     calls: Sequence[MatrixRows], seg: Segments, opts: GramOptions, method: str, keep: bool = False,
-    force_keep: bool = False, bias: bool = False,
+    force_keep: bool = False, bias: bool = False, name: str = "", info: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(K, X, Kb): fp64 (S, S) segment Gram of the layer weight over all calls (rows of every
     call add); the kept segment gradients X (S, G·p·d) when ``keep`` and the explicit path
     stores them (``storable``, or always with ``force_keep``), else None; the bias's Gram
-    when ``bias`` and the ghost path formed it on the way (gram_ghost), else None."""
+    when ``bias`` and the ghost path formed it on the way (gram_ghost), else None.
+
+    ``opts.backend`` is resolved for these rows by matrix_triton.serves (``name``, the
+    weight's, for its errors); kept segment gradients always come from the torch path
+    (matrix_triton.py says why). ``info``, when given, gets "backend": the one that formed K."""
+    keep = keep and method != "ghost" and (force_keep or storable(calls, seg, opts))
+    backend = "torch"
+    if opts.backend != "torch":
+        from . import matrix_triton
+
+        if matrix_triton.serves(calls, seg, opts, name) and (method == "ghost" or not keep):
+            backend = "triton"  # serves() raises where a named "triton" cannot run
+    if info is not None:
+        info["backend"] = backend
+    if backend == "triton":
+        if method == "ghost":
+            K, Kb = matrix_triton.gram_ghost(calls, seg, opts, bias=bias)
+            return K, None, Kb
+        return matrix_triton.gram_explicit(calls, seg, opts)[0], None, None
     if method == "ghost":
         K, Kb = gram_ghost(calls, seg, opts, bias=bias)
         return K, None, Kb
-    K, X = gram_explicit(calls, seg, opts, keep=keep and (force_keep or storable(calls, seg, opts)))
+    K, X = gram_explicit(calls, seg, opts, keep=keep)
     return K, X, None
 
 
@@ -463,7 +486,7 @@ def gram_ghost(
     where fp64 products are not available or cost more than the explicit path, the layer's
     whole Gram is explicit. A weak bias segment makes the bias's whole Gram explicit."""
     c0 = calls[0]
-    S, G, d, p = seg.S, c0.G, c0.d, c0.p
+    S = seg.S
     K = torch.zeros((S, S), dtype=torch.float64, device=c0.device)
     Kb = torch.zeros_like(K) if bias else None
     flat = _flat_rows(calls, seg, opts) if S else None
@@ -471,10 +494,30 @@ def gram_ghost(
         return K, Kb
     A, D, ids = flat
     dtype = torch.float64 if opts.precision == "high" else c0.dtype
-    K, Kb, Q, Qb = _ghost_slabs(A, D, ids, S, opts, dtype, bias)
+    return guard_ghost(calls, seg, opts, _ghost_slabs(A, D, ids, S, opts, dtype, bias), dtype, flat)
+
+
+def guard_ghost(calls: Sequence[MatrixRows], seg: Segments, opts: GramOptions, sums, dtype: torch.dtype,
+                flat=None, extra: int = 0, explicit=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The cancellation safeguard (module docstring, "Cancellation") on the sums
+    (K, Kb, Q, Qb) of a ghost pass (as ``_ghost_slabs`` returns them, Kb and Qb None
+    without a bias) whose dot products were in ``dtype``: the weight's and the bias's
+    fp64 (S, S) Grams, symmetric, weak segments redone (``gram_ghost`` docstring).
+
+    flat: the layer's flat rows (``_flat_rows``), built here only when a segment is weak.
+    extra: fp32 summands the pass adds to each entry beyond the d + p of its dot products
+    (the Triton kernel's in-register segment sums, matrix_triton.py): with the docstring's
+    model the ghost error grows to sqrt(d + p + extra)·u·sqrt(Q_s Q_t), so τ is scaled by
+    sqrt((d + p + extra)/(d + p)) (and the bias's by the same with G·p). explicit: the
+    explicit path of the pass's backend (default ``gram_explicit``)."""
+    K, Kb, Q, Qb = sums
+    c0 = calls[0]
+    S, G, d, p = seg.S, c0.G, c0.d, c0.p
+    explicit = explicit or gram_explicit
     K = 0.5 * (K + K.T)
-    weak = _weak(K, Q, _tau(dtype, c0.dtype, d + p))
+    weak = _weak(K, Q, _tau(dtype, c0.dtype, d + p) * math.sqrt((d + p + extra) / (d + p)))
     if weak.numel():
+        A, D, ids = flat if flat is not None else _flat_rows(calls, seg, opts)
         F = A.shape[0]
         sel = torch.isin(ids, weak).nonzero().flatten()  # flat rows of weak segments
         if dtype == torch.float64 and _unit(dtype) < _unit(c0.dtype):
@@ -487,14 +530,14 @@ def gram_ghost(
         else:  # no higher precision, or it costs more than the explicit path
             W = None
         if W is None:
-            K = gram_explicit(calls, seg, opts)[0]
+            K = explicit(calls, seg, opts)[0]
         elif W.numel():
-            Kw = gram_explicit(calls, _sub_segments(seg, W), opts)[0]
+            Kw = explicit(calls, _sub_segments(seg, W), opts)[0]
             K[W.unsqueeze(1), W] = Kw
         K = 0.5 * (K + K.T)
-    if bias:
+    if Kb is not None:
         Kb = 0.5 * (Kb + Kb.T)
-        weak_b = _weak(Kb, Qb, _tau(dtype, c0.dtype, G * p, ratio=1.0))
+        weak_b = _weak(Kb, Qb, _tau(dtype, c0.dtype, G * p, ratio=1.0) * math.sqrt((G * p + extra) / (G * p)))
         if weak_b.numel():
             _explicit_bias_rows(calls, seg, Kb, weak_b, opts.precision)
     return K, Kb
@@ -573,12 +616,14 @@ class MatrixRule(Rule):
         if gw is not None and rows:
             force = gw in self.forced
             method = "explicit" if force else choose_method(rows, seg, opts)
-            out[gw], X, Kb = gram(rows, seg, opts, method, keep=tiles is not None, force_keep=force, bias=gb is not None)
+            info: dict = {}
+            out[gw], X, Kb = gram(rows, seg, opts, method, keep=tiles is not None, force_keep=force,
+                                  bias=gb is not None, name=gw, info=info)
             if X is not None:
                 tiles[gw] = X
             if Kb is not None:
                 out[gb] = Kb
-            self.methods[gw] = f"{self.kind}:{method}"
+            self.methods[gw] = f"{self.kind}:{method}" + ("[triton]" if info["backend"] == "triton" else "")
         if gb is not None and rows and gb not in out:
             out[gb] = gram_from_row_grads(self._bias_rows(rows), seg, opts.precision, tiles, gb)
             self.methods[gb] = f"{self.kind}:bias"
