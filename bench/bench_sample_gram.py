@@ -13,6 +13,12 @@ transformer (T = 64 tokens + class token, d = 128, 2 encoder layers). Paths:
     authors        reference.authors_orthograd_direction: vmap per-sample retain gradients
                    (a B x P buffer) + forget gradient + per-tensor torch.linalg.qr
     vmap_gram      vmap per-sample retain gradients + forget gradient + one global fp64 Gram
+    torchjd        TorchJD's ``autogram.Engine`` (the nearest peer computing an exact
+                   per-sample Gram with hooks): the (N x N) Gramian of the per-row losses,
+                   summed into the S segments, the same fp64 solve, then the per-row losses
+                   backpropagated with their segment's weight (its documented usage). Its
+                   Gram is checked against this package's on the same rows before it is
+                   timed (``check_gram``); a peer that is not installed is reported as such
 
 Two ways to run it:
 
@@ -49,7 +55,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 B = 64
 CASES = ("mlp", "cnn", "transformer")
-PATHS = ("plain", "store", "store_og", "stream", "authors", "vmap_gram")
+PATHS = ("plain", "store", "store_og", "stream", "authors", "vmap_gram", "torchjd")
+U32 = 2.0**-24
 
 
 # ------------------------------------------------------------------------------ models
@@ -135,6 +142,24 @@ def make_step(case: str, path: str):
             G = torch.cat([G, torch.cat([g.reshape(1, -1) for g in gu], dim=1)])
             K = G.double() @ G.double().T
             return weights(K)
+    elif path == "torchjd":
+        from torchjd.autogram import Engine
+
+        engine = Engine(model, batch_dim=0)  # hooks every module that owns trainable parameters
+        onehot = torch.zeros((2 * B, B + 1), dtype=torch.float64)
+        onehot[torch.arange(2 * B), seg] = 1.0
+
+        def segment_gram():
+            losses = F.cross_entropy(model(x), y, reduction="none")  # [N]
+            K = engine.compute_gramian(losses)  # [N, N]: per-row Gram
+            return losses, onehot.T @ K.double() @ onehot  # [S, S]
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            losses, K = segment_gram()
+            losses.backward(weights(K)[seg].to(losses.dtype))  # .grad = Σ_s w_s g_s
+
+        step.gram = lambda: segment_gram()[1]
     elif path == "idle":
         def step():
             return None
@@ -148,15 +173,41 @@ def make_step(case: str, path: str):
             sg.release()
 
     step.release = release
+    step.model = model
     return step
 
 
 # ------------------------------------------------------------------------------ worker
+def check_gram(case: str, step) -> float:
+    """Relative Frobenius difference between a peer's segment Gram (``step.gram()``) and
+    this package's on the same rows (a fresh build of the case: same seed, same weights
+    and data); RuntimeError (the peer is then not timed) above 4·u·sqrt(P·S): TorchJD sums
+    its Gramian in fp32, each entry a reduction over the P parameters, off by
+    ~sqrt(P)·u·|g_s||g_t|, i.e. ~sqrt(P·S)·u·|K| in Frobenius norm (ours, fp32 products
+    summed in fp64, is 1e-7 off the fp64 loop). Measured: 1e-7 to 2e-7 at B = 64 on the MLP
+    and the transformer, 8e-5 for the transformer at B = 4 (1.2·sqrt(P·S)·u); a wrong Gram
+    is off by O(1)."""
+    from orthograd_fast.gram import SampleGram
+
+    model, xf, yf, xr, yr = build(case)
+    seg = torch.cat([torch.full((B,), B), torch.arange(B)])
+    with SampleGram(model) as sg:
+        with sg.record(seg, num_segments=B + 1):
+            ce_sum(model(torch.cat([xf, xr])), torch.cat([yf, yr])).backward()
+        ours = sg.gram()
+    err = float((step.gram() - ours).norm() / ours.norm())
+    tol = 4 * U32 * (sum(p.numel() for p in model.parameters()) * (B + 1)) ** 0.5
+    if not err <= tol:
+        raise RuntimeError(f"{case}: the peer's Gram differs from ours by {err:.1e} (relative Frobenius): not timed")
+    return err
+
+
 def worker(case: str, path: str, reps: int, budget_s: float, threads: int) -> dict:
     """Time ``path`` interleaved with ``plain`` in this process (ratios immune to load
     that changes between processes)."""
     torch.set_num_threads(threads)
     step = make_step(case, path)
+    gram_err = check_gram(case, step) if hasattr(step, "gram") else None
     plain = make_step(case, "plain") if path not in ("plain", "idle") else None
     step()  # warm-up
     if plain is not None:
@@ -181,6 +232,8 @@ def worker(case: str, path: str, reps: int, budget_s: float, threads: int) -> di
         "best_s": min(times),
         "cpu_best_s": min(cpu),
     }
+    if gram_err is not None:
+        out["gram_rel_err"] = gram_err
     if plain is not None:
         out["plain_best_s"] = min(ptimes)
         out["plain_cpu_best_s"] = min(pcpu)
@@ -298,7 +351,10 @@ loss summed over rows; `store`/`stream` = record + gram + fp64 solve (linalg.gra
 combine (store) or a second forward/backward under `reweight` (stream); `store_og` = store
 with `record_grads=False`, the configuration `OrthoGrad.step` runs (module docstring);
 `authors` = reference.authors_orthograd_direction (vmap per-sample retain gradients, B x P
-buffer, per-tensor torch.linalg.qr); `vmap_gram` = vmap per-sample gradients + one fp64 Gram.
+buffer, per-tensor torch.linalg.qr); `vmap_gram` = vmap per-sample gradients + one fp64 Gram;
+`torchjd` = TorchJD's `autogram.Engine` (per-row Gramian of the losses summed into the
+segments, the same solve, the losses backpropagated with the weights), its Gram checked
+against ours first (the JSON's `gram_rel_err`).
 Models: (a) MLP 784-1024-1024-10, (b) CNN conv(1→32)/conv(32→64,s2)/conv(64→64,s2) +
 linear(3136→128→10) on 28x28, (c) transformer: linear embedding of 64 tokens + class token
 + positional embedding (bare parameters), 2 nn.TransformerEncoderLayer (d=128, 4 heads,
@@ -427,9 +483,11 @@ if pytest is not None:
         step()
         benchmark.pedantic(step, rounds=3, iterations=1)
 
-    @pytest.mark.parametrize("path", ["authors", "vmap_gram"])
+    @pytest.mark.parametrize("path", ["authors", "vmap_gram", "torchjd"])
     @pytest.mark.parametrize("case", CASES)
     def test_baseline_step(benchmark, one_thread, case, path):
+        if path == "torchjd":
+            pytest.importorskip("torchjd")
         step = make_step(case, path)
         benchmark.pedantic(step, rounds=1, iterations=1, warmup_rounds=0)
 
