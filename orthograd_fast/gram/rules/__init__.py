@@ -4,7 +4,7 @@
 importing this package registers every rule below. A module type without a rule is served
 by the exact ``torch.func`` fallback (``fallback.ModuleFallback``).
 """
-from . import attention, conv, embedding, fallback, linear, norm, traced  # noqa: F401  (registration)
+from . import attention, conv, embedding, fallback, hf_conv1d, linear, norm, traced  # noqa: F401  (registration)
 from .base import GramOptions, Probe, Rule, Segments, register_rule, rule_class_for
 from .fallback import ModuleFallback
 
