@@ -519,3 +519,37 @@ def test_zero_gradient_parameter_is_not_refused(gen):
     x = torch.randn(6, 5, 3, generator=gen, dtype=torch.float64)
     target = torch.randn(6, 5, 4, generator=gen, dtype=torch.float64)
     check_exact(model, [x], target, torch.arange(6), 6, gen)
+
+
+class CoupledAlongBatch(nn.Module):
+    """Rows coupled along the batch, causally or not, with every module upstream frozen:
+    an LSTM run over the batch dim (batch_first=False fed (N, T, F)), a cumsum over rows
+    and its reverse (finding 7: served with a wrong Gram when the check's row was the last)."""
+
+    def __init__(self, coupling):
+        super().__init__()
+        self.coupling = coupling
+        self.lstm = nn.LSTM(2, 3).requires_grad_(False)
+        self.pre = nn.Linear(2, 3).requires_grad_(False)
+        self.head = nn.Linear(3, 1)
+
+    def forward(self, x):
+        if self.coupling == "lstm":
+            h = self.lstm(x)[0]
+        elif self.coupling == "cumsum":
+            h = torch.tanh(self.pre(x)).cumsum(0)
+        else:
+            h = torch.tanh(self.pre(x)).flip(0).cumsum(0).flip(0)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("N", [3, 4, 5])
+@pytest.mark.parametrize("coupling", ["lstm", "cumsum", "reverse_cumsum"])
+def test_rows_coupled_along_the_batch_are_refused(coupling, N, gen):
+    seed_torch(gen)
+    model = CoupledAlongBatch(coupling).double()
+    x = torch.randn(N, 4, 2, generator=gen, dtype=torch.float64)
+    sg = SampleGram(model)
+    with pytest.raises(ValueError, match="interact"):
+        with sg.record(torch.arange(N)):
+            model(x).square().sum().backward()

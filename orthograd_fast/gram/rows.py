@@ -417,10 +417,16 @@ class _BufferState:
 def _pick_rows(leaves: list, batched: list[int], N: int, gen: torch.Generator) -> tuple[int, list[int]]:
     """(r0, [r1, ...]): a row, and up to 4 other rows to copy into it in run B, those that
     differ from it in the most per-row inputs first (a padding mask equal in r0 and r1
-    would read as shared by all rows), among up to 8 random candidates for r0."""
+    would read as shared by all rows), among up to 8 random candidates for r0, rows
+    other than the first and the last first (with N = 2 one direction of a coupling along
+    the batch can go unseen)."""
     order = torch.randperm(N, generator=gen).tolist()
-    best = (-1, order[0], [])
-    for r0 in order[:8]:
+    # r0 away from both ends: rows coupled along the batch causally (an LSTM run over the
+    # batch dim, a cumsum over rows) change the rows after the perturbed one, anti-causally
+    # those before it, so a middle row shows either (the last row showed neither)
+    inner = [r for r in order if 0 < r < N - 1] + [r for r in order if r in (0, N - 1)]
+    best = (-1, inner[0], [])
+    for r0 in inner[:8]:
         counts = [(sum(not torch.equal(leaves[i][r0], leaves[i][r]) for i in batched), r) for r in order if r != r0]
         counts = sorted((c for c in counts if c[0] > 0), key=lambda c: -c[0])
         top = counts[0][0] if counts else 0
