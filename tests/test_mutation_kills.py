@@ -726,3 +726,24 @@ def test_orthograd_reported_stats_against_fp64_loop(gen):
     true = float((G @ delta).norm() / (torch.linalg.matrix_norm(G, 2) * delta.norm()))
     assert "step_orthogonality" in stats, sorted(stats)
     assert abs(stats["step_orthogonality"] - true) <= 1e-6 * true + 1e-12, (stats["step_orthogonality"], true)
+
+
+def test_orthograd_explicit_rtol(gen):
+    """OrthoGrad(rtol=...) is taken as given (range [0, 1)) and decides the rank: a retain
+    direction at σ/σ_max = 3e-4 is dropped by rtol 1e-3 and kept by 1e-5 and by 0; an rtol
+    outside the range is refused."""
+    d, C = 64, 3
+    xr = _pair(3e-4, torch.float64, gen, P=d)
+    y = torch.randn(C, generator=gen, dtype=torch.float64)
+    forget = (torch.randn(2, d, generator=gen, dtype=torch.float64), torch.randn(2, C, generator=gen, dtype=torch.float64))
+    for rtol, rank in ((1e-3, 1), (1e-5, 2), (0.0, 2)):
+        model = nn.Linear(d, C, bias=False).double()
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        with OrthoGrad(model, opt, rtol=rtol, loss_fn=lambda out, t: (out * t).sum(1)) as og:
+            assert og.rtol == rtol
+            stats = og.step(forget, (xr, y.expand(2, C)))
+        assert stats["rank"] == rank, (rtol, stats["rank"])
+    model = nn.Linear(d, C).double()
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="rtol"):
+            OrthoGrad(model, torch.optim.SGD(model.parameters(), lr=0.1), rtol=bad)
