@@ -747,3 +747,29 @@ def test_orthograd_explicit_rtol(gen):
     for bad in (1.0, -0.1):
         with pytest.raises(ValueError, match="rtol"):
             OrthoGrad(model, torch.optim.SGD(model.parameters(), lr=0.1), rtol=bad)
+
+
+def test_projection_api_defaults_and_backend(monkeypatch, gen):
+    """DESIGN.md §5's signature: rtol and the rest keyword-only; refine defaults to 1 (the
+    default call is bitwise the refine=1 call, on a G whose second refinement would still
+    change r); rtol outside [0, 1) refused; backend="torch" runs the torch passes."""
+    G = _ill_conditioned(gen)
+    g = torch.randn(G.shape[1], generator=gen, dtype=torch.float64)
+    with pytest.raises(TypeError):
+        project_orthogonal(g, G, 1e-7)
+    r_default = project_orthogonal(g, G)
+    assert torch.equal(r_default, project_orthogonal(g, G, refine=1))
+    assert not torch.equal(r_default, project_orthogonal(g, G, refine=2))  # the premise above
+    for bad in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="rtol"):
+            project_orthogonal(g, G, rtol=bad)
+    calls = []
+    gram = tp.gram
+
+    def spy(*a, **k):
+        calls.append(1)
+        return gram(*a, **k)
+
+    monkeypatch.setattr(tp, "gram", spy)
+    project_orthogonal(g.float(), G.float(), backend="torch")
+    assert calls, "backend='torch' did not run the torch passes"
