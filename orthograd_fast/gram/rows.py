@@ -262,8 +262,9 @@ class CallRows:
     outs: list[OutputRows]
     args: list[Layout | None]
     arg_problem: str | None = None
-    #: unchanged inputs with the rows' size where the output holds them: {leaf index: that
-    #: layout}; ``args`` holds the first guess (per row if every row is equal, else shared)
+    #: inputs the check left unchanged that could hold the rows: {leaf index: [layouts]}, the
+    #: output's row layout first if it fits, then every dim of size N; ``args`` holds the
+    #: first guess (that layout if every row is equal there, else shared)
     flexible: dict = field(default_factory=dict)
 
 
@@ -558,12 +559,14 @@ class _Recorder:
                     problem = ("an input changed in other rows when only one row of the model's input "
                                "changed: rows interact before this module")
                 L = _merge(gv, x)
-                if L is None and L_out is not None and L_out in cands:
-                    # unchanged, with the rows' size where the output holds them: per row (each
-                    # row its own copy) if every row is equal there, else shared — a guess the
-                    # per-row re-run may revise (rules/fallback.py, "flexible" inputs)
-                    flexible[i] = L_out
-                    if L_out in const:
+                if L is None and cands:
+                    # unchanged by the check, with the rows' size somewhere: per row along the
+                    # output's row layout if every row is equal there, else shared; a guess the
+                    # per-row re-run may revise with the other one-entry-per-row dims (a batch-first
+                    # key padding mask of a time-major attention; rules/fallback.py, "flexible")
+                    first = [L_out] if L_out is not None and L_out in cands else []
+                    flexible[i] = first + [c for c in cands if c.k == 1 and c not in first]
+                    if first and L_out in const:
                         L = L_out
                 args.append(L)
             out[key] = CallRows(outs, args, problem, flexible)
@@ -627,9 +630,10 @@ def check_rows(model: nn.Module, watched: dict[nn.Module, str], args: tuple, kwa
 
     tracer, verify: an op tracer (a TorchFunctionMode, rules/traced.py) active during run
     A's forward, and ``verify(r0, {id(param): gradient under E}) -> problem or None`` called
-    after the backward: under E only row r0 has a gradient, so a tracer that splits rows
-    correctly gives every other row zero — a check of the split itself, which a comparison
-    of sums over rows cannot make. Its answer is ``RowModel.trace_problem``.
+    after each of the two backwards (rows r0 and r0'): under a cotangent on one row only
+    that row has a gradient, so a tracer that splits rows correctly gives every other row
+    zero, for both rows — a check of the split itself, which a comparison of sums over rows
+    cannot make. Its answer is ``RowModel.trace_problem``.
 
     Raises RowCheckError when no input has N rows in dim 0, when the rows of the batch
     are all identical in inputs that cannot be perturbed, or when no output has rows.
@@ -728,9 +732,16 @@ def check_rows(model: nn.Module, watched: dict[nn.Module, str], args: tuple, kwa
                     trace_problem = verify(r0, {id(p): g for p, g in zip(params, grads)})
                 if r0b != r0:
                     rec.phase = 1
-                    torch.autograd.grad(ys, params, [_localised(y, L, N, r0b, gen) for y, L in outs],
-                                        allow_unused=True)
+                    if tracer is not None:
+                        tracer.clear_grads()
+                    grads = torch.autograd.grad(ys, params, [_localised(y, L, N, r0b, gen) for y, L in outs],
+                                                allow_unused=True)
                     rec.phase = 0
+                    if verify is not None and trace_problem is None:
+                        # again under row r0''s cotangent: a split that took another dim for the
+                        # rows can put row r0's gradient at index r0 by chance (a loss reading one
+                        # position p == r0 of a time-major tensor), not both rows'
+                        trace_problem = verify(r0b, {id(p): g for p, g in zip(params, grads)})
     finally:
         if rec is not None:
             rec.remove()

@@ -47,6 +47,7 @@ refuses the step (base.Probe).
 """
 from __future__ import annotations
 
+import itertools
 import warnings
 from contextlib import contextmanager
 
@@ -126,16 +127,19 @@ class _RandomDraw(Exception):
     """The module drew random numbers during a per-row re-run."""
 
 
-def _assignments(lays: list, flexible: dict):
+def _assignments(lays: list, flexible: dict, limit: int = 8):
     """The inputs' row layouts to try: the row model's first guess, then the other choices
-    for its ``flexible`` inputs (unchanged by the row check: per row or shared), at most 8."""
-    yield lays
+    for its ``flexible`` inputs (unchanged by the row check: shared, or per row along one of
+    their candidate layouts), at most ``limit`` in all. A wrong choice that still runs is
+    caught by the safety net (the per-row gradients must sum to the recorded gradient)."""
     keys = sorted(flexible)[:3]
-    for mask in range(1, 1 << len(keys)):
+    options = [[lays[k]] + [o for o in [None, *flexible[k]] if o != lays[k]] for k in keys]
+    for n, choice in enumerate(itertools.product(*options)):
+        if n == limit:
+            return
         alt = list(lays)
-        for j, k in enumerate(keys):
-            if mask >> j & 1:
-                alt[k] = None if lays[k] is not None else flexible[k]
+        for k, o in zip(keys, choice):
+            alt[k] = o
         yield alt
 
 

@@ -155,6 +155,11 @@ class ParamTracer(TorchFunctionMode):
         if self.active:
             use.grads[j] = g if j not in use.grads else use.grads[j] + g
 
+    def clear_grads(self) -> None:
+        """Forget the output gradients seen so far (the row check's second backward)."""
+        for use in self.uses:
+            use.grads.clear()
+
     def reset(self) -> None:
         """Forget every recorded use (a fresh trace of the next forward)."""
         for h in self.handles:
