@@ -383,6 +383,14 @@ _REPRODUCERS = {
                   out=1, head_frozen=True, seg=(0, 1), S=2, record_grads=False, steps=2),
         "exact", "silent mismatch: the op tracer's split along dim 0 of a time-major input passes the "
                  "one-row check when the loss reads position p == r0 (finding 8)"),
+    # 9: crash in torch: a (N, N) key padding mask changed at [r0, r0] by the check (ambiguous
+    # between dims 0 and 1) was passed whole to the one-row re-runs of the attention fallback
+    "kpm_ambiguous_N_eq_S": (
+        ModelSpec(N=3, T=3, C=6, stem="ids", d_in=1, freq_scale=True, stem_frozen=True,
+                  blocks=(Attn(kpm=True, bias_kv=True, zero_attn=True, bias=False, latent=1),), out=1,
+                  head_frozen=True, seg=(0, 1, 2), S=3, record_grads=False, steps=2),
+        "exact", "AssertionError inside torch: a per-row key padding mask whose change fits two layouts "
+                 "passed whole (finding 9)"),
 }
 _OPEN: set[str] = set()  # every finding fixed (ea166eb, 0e5f62a); add a name here while one is open
 

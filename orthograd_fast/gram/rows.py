@@ -559,7 +559,15 @@ class _Recorder:
                     problem = ("an input changed in other rows when only one row of the model's input "
                                "changed: rows interact before this module")
                 L = _merge(gv, x)
-                if L is None and cands:
+                ambiguous = [v.layouts for v in (gv, x) if v is not None and v.kind == AMBIGUOUS]
+                if L is None and ambiguous:
+                    # changed in row r0's slice along several layouts (a (N, N) key padding mask
+                    # changed at [r0, r0]): the output's row layout first if it is one of them;
+                    # the per-row re-run tries the others
+                    opts = ambiguous[0]
+                    L = L_out if L_out in opts else opts[0]
+                    flexible[i] = [o for o in opts if o != L]
+                elif L is None and cands:
                     # unchanged by the check, with the rows' size somewhere: per row along the
                     # output's row layout if every row is equal there, else shared; a guess the
                     # per-row re-run may revise with the other one-entry-per-row dims (a batch-first
