@@ -391,6 +391,12 @@ _REPRODUCERS = {
                   head_frozen=True, seg=(0, 1, 2), S=3, record_grads=False, steps=2),
         "exact", "AssertionError inside torch: a per-row key padding mask whose change fits two layouts "
                  "passed whole (finding 9)"),
+    # 10: crash in torch: a kernel-2 Conv1d padded by 1 on a length-1 input (fp64, stream mode):
+    # the grouped weight-gradient call got a "contiguous" input with odd strides on size-1 dims
+    "conv_length_1_input": (
+        ModelSpec(N=2, T=1, C=2, d_in=1, stem_frozen=True, blocks=(Conv1(1, k=2, pad=1, bias=False),), out=1,
+                  head_frozen=True, seg=(0, 1), S=2, mode="stream", steps=2),
+        "exact", "RuntimeError inside torch: slow_conv2d: grad_weight must be contiguous (finding 10)"),
 }
 _OPEN: set[str] = set()  # every finding fixed (ea166eb, 0e5f62a); add a name here while one is open
 

@@ -52,6 +52,18 @@ def _pad(module, x: torch.Tensor) -> torch.Tensor:
     return F.pad(x, pad, mode=mode)
 
 
+
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """t with exactly row-major strides. A tensor can be "contiguous" with odd strides on its
+    size-1 dims ((1, 4, 1) with strides (4, 1, 2)); CPU's slow_conv2d weight-gradient kernel
+    then allocates a grad_weight in that layout and raises "grad_weight must be contiguous"
+    (found by the property test: Conv1d, kernel 2, padding 1 on a length-1 input, fp64)."""
+    want, acc = [], 1
+    for size in reversed(t.shape):
+        want.append(acc)
+        acc *= size
+    return t if list(t.stride()) == want[::-1] else t.clone(memory_format=torch.contiguous_format)
+
 class ConvRows:
     """matrix.MatrixRows of one conv call; unfolds patches per row chunk."""
 
@@ -133,7 +145,8 @@ class ConvRows:
         g = matrix.take(self.g, idx).to(self.dtype)  # [n, G, p, L]
         kernel = m.kernel_size
         gW = torch.ops.aten.convolution_backward(
-            g.reshape(1, n * m.out_channels, *self.out_shape), x.reshape(1, n * m.in_channels, *x.shape[2:]),
+            _row_major(g.reshape(1, n * m.out_channels, *self.out_shape)),
+            _row_major(x.reshape(1, n * m.in_channels, *x.shape[2:])),
             x.new_empty((1,) * (2 + self.nd)).expand(n * m.out_channels, m.in_channels // self.G, *kernel), None,
             m.stride, padding, m.dilation, False, [0] * self.nd, n * self.G, (False, True, False),
         )[1]
