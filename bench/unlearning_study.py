@@ -274,7 +274,15 @@ def _map(fn: Callable, items: list[tuple], pool, threads: int, label: str, log) 
         finally:
             torch.set_num_threads(before)
     else:
-        done = list(pool.map(_timed, [fn] * len(items), items))
+        from concurrent.futures import as_completed
+
+        futures = {pool.submit(_timed, fn, it): i for i, it in enumerate(items)}
+        done = [None] * len(items)
+        step = max(1, len(items) // 10)
+        for k, fut in enumerate(as_completed(futures), 1):
+            done[futures[fut]] = fut.result()
+            if k % step == 0 and k < len(items):
+                log(f"  {label}: {k}/{len(items)}")
     t = {"wall": time.perf_counter() - t0, "cpu": float(sum(c for _, c in done))}
     log(f"{label}: {len(items)} items in {t['wall']:.0f} s ({t['cpu']:.0f} CPU-s)")
     return [r for r, _ in done], t
@@ -675,6 +683,8 @@ def write_outputs(results: dict, *, out_dir: Path = RESULTS, page: Path = PAGE, 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="the tiny digits version (seconds)")
+    p.add_argument("--recipe", default=None, choices=tuple(T.RECIPES),
+                   help="original-model recipe (default fashion-mnist-cnn; the page is written for it)")
     p.add_argument("--seeds", type=int, default=None, help="number of evaluated seeds (default 5)")
     p.add_argument("--sizes", default=None, help="retain sizes, comma-separated (default 8,...,256)")
     p.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
@@ -692,6 +702,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cfg = SMOKE if args.smoke else StudyConfig()
         over = {"cache": args.cache_dir, "data_root": args.data_root}
+        if args.recipe is not None:
+            over["recipe"] = args.recipe
         if args.seeds is not None:
             over["seeds"] = args.seeds
         if args.sizes is not None:
