@@ -107,7 +107,7 @@ class StudyConfig:
     lr_grid: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3)
     tune_size: int = 32
     tune_seeds: tuple[int, ...] = (100,)
-    steps: int = 100
+    steps: int = 200
     retain_batch: int = 64
     forget_batch: int = 32
     max_grad_norm: float = 1.0
@@ -417,9 +417,91 @@ def summarize(results: dict) -> dict:
                     mean, lo, hi = M.paired_ci95([r[k] for r in ref_rows], [r[k] for r in rows])
                     cell[k] = {"mean": mean, "lo": lo, "hi": hi, "verdict": verdict(lo, hi, better[k])}
                 out["paired"][kind][str(size)][v] = cell
+    out["degradation"] = degradation(results)
     originals = [t for t in results["trained"] if t["what"] == "original" and t["seed"] in seeds]
     out["recipe"] = {k: _ci([t[k] for t in originals]) for k in ("train_acc", "test_acc")}
     return out
+
+
+def degradation(results: dict) -> dict:
+    """The paper's claim in one number per method: how much a metric worsens from the
+    largest retain size to the smallest (per seed: value at min(sizes) − value at max(sizes),
+    signed so that positive = worse), and OrthoGrad's degradation minus each other method's,
+    paired over seeds ("wins" = OrthoGrad degrades significantly less).
+    {kind: {metric: {"per_variant": {v: _ci}, "paired": {other: {mean, lo, hi, verdict}}}}}"""
+    cfg = results["config"]
+    small, large = min(cfg["sizes"]), max(cfg["sizes"])
+    better = {k: b for k, _, _, b in REPORTED}
+    out: dict = {}
+    for kind in cfg["kinds"]:
+        out[kind] = {}
+        for k in VERDICT_METRICS:
+            sign = 1.0 if better[k] == "low" else -1.0
+            deg = {}
+            for v in cfg["variants"]:
+                at = {(r["size"], r["seed"]): r[k] for r in results["runs"] if r["kind"] == kind and r["variant"] == v}
+                deg[v] = [sign * (at[small, sd] - at[large, sd]) for sd in range(cfg["seeds"])]
+            paired = {}
+            for v in cfg["variants"]:
+                if v == REFERENCE:
+                    continue
+                mean, lo, hi = M.paired_ci95(deg[REFERENCE], deg[v])
+                paired[v] = {"mean": mean, "lo": lo, "hi": hi, "verdict": verdict(lo, hi, "low")}
+            out[kind][k] = {"per_variant": {v: _ci(d) for v, d in deg.items()}, "paired": paired}
+    return out
+
+
+def plain_words(results: dict) -> list[str]:
+    """The verdict in sentences, each computed from the paired intervals (no hand-written
+    claim): per forgetting kind, whom OrthoGrad beats / loses to at every or some retain
+    size on UIS and test accuracy, and whether it degrades less than the others as the
+    retain set shrinks (the paper's claim)."""
+    cfg, summ = results["config"], results["summary"]
+    sizes = cfg["sizes"]
+    others = [v for v in cfg["variants"] if v != REFERENCE and v not in ABLATIONS]
+    label = {k: lab for k, lab, *_ in REPORTED}
+    lines = []
+    for kind in cfg["kinds"]:
+        parts = []
+        for k in ("uis", "test_acc"):
+            verdicts = {v: [summ["paired"][kind][str(n)][v][k]["verdict"] for n in sizes] for v in others}
+            always = [v for v in others if all(x == "wins" for x in verdicts[v])]
+            some = [v for v in others if "wins" in verdicts[v] and v not in always]
+            lose = [f"{v} (at {', '.join(str(n) for n, x in zip(sizes, verdicts[v]) if x == 'loses')})"
+                    for v in others if "loses" in verdicts[v]]
+            tie = [v for v in others if all(x == "ties" for x in verdicts[v])]
+            txt = [f"better than {', '.join(always)} at every size" if always else "",
+                   f"better than {', '.join(some)} at some sizes" if some else "",
+                   f"not distinguishable from {', '.join(tie)} at any size" if tie else "",
+                   f"worse than {'; '.join(lose)}" if lose else "never significantly worse than a baseline"]
+            parts.append(f"on {label[k]} OrthoGrad is " + "; ".join(t for t in txt if t))
+        deg = summ["degradation"][kind]
+        dparts, claim = [], []
+        for k in ("uis", "test_acc"):
+            pv = deg[k]["paired"]
+            less = [v for v in others if pv[v]["verdict"] == "wins"]
+            more = [v for v in others if pv[v]["verdict"] == "loses"]
+            m = deg[k]["per_variant"][REFERENCE]
+            scale = 100 if k != "uis" else 1
+            unit = " points" if k != "uis" else ""
+            cmp = [f"significantly less than {', '.join(less)}'s" if less else "",
+                   f"significantly more than {', '.join(more)}'s" if more else ""]
+            cmp = "; ".join(c for c in cmp if c) or "not distinguishable from any baseline's"
+            dparts.append(f"{label[k]} worsens by {_pct(m, scale)}{unit} (positive = worse) from {max(sizes)} to "
+                          f"{min(sizes)} retained samples: {cmp}")
+            claim.append(f"{label[k]}: " + ("supported" if less and not more else "contradicted" if more and not less
+                                            else "mixed" if more else "not resolved at this sample size"))
+        runs = [r for r in results["runs"] if r["kind"] == kind and r["variant"] == REFERENCE]
+        budget = sorted({r["size"] for r in runs if r["stopped_by"] not in ("target", "already_at_target")})
+        if budget:
+            n = sum(r["stopped_by"] not in ("target", "already_at_target") for r in runs)
+            claim.append(f"read with care: OrthoGrad ran out of its {cfg['steps']}-step budget before the stop "
+                         f"target in {n} of its {len(runs)} runs (sizes {', '.join(map(str, budget))}), where it "
+                         "forgets less and keeps more test accuracy than a run to the target would")
+        lines.append(f"- **{kind.capitalize()} forgetting**: " + "; ".join(parts) + ". As the retain set shrinks, "
+                     "OrthoGrad's " + "; its ".join(dparts) + ". The paper's claim (OrthoGrad degrades less than its "
+                     "competitors as the retain set shrinks), here: " + "; ".join(claim) + ".")
+    return lines
 
 
 def environment(jobs: int, threads: int) -> dict:
@@ -529,6 +611,17 @@ def render(results: dict, plots: dict[str, str]) -> str:
             a(f"| {kind} | {label} | " + " | ".join(cells) + " |")
     a(f"\nW/T/L = OrthoGrad wins / ties / loses, counted over the {len(sizes)} retain sizes "
       f"({', '.join(map(str, sizes))}).\n")
+    a("**In plain words** (each statement from the paired intervals; baselines only, the ablations below; "
+      "\"degradation\" = a metric at the smallest retain size minus at the largest, per seed, paired):\n")
+    L.extend(plain_words(results))
+    a("")
+    flat = [v for v in baselines if all(
+        summ["cells"][kind][str(n)][v]["uis"]["mean"] == summ["cells"][kind][str(sizes[0])][v]["uis"]["mean"]
+        for kind in kinds for n in sizes)]
+    if flat:
+        a(f"{', '.join(flat)} use{'s' if len(flat) == 1 else ''} no retain data, so {'its' if len(flat) == 1 else 'their'} "
+          "rows are the same at every retain size (a useful control: differences along a row are the other "
+          "methods' dependence on the retain set).\n")
     for kind in kinds:
         a(f"**{kind.capitalize()} forgetting.**")
         for metric in VERDICT_METRICS:
@@ -698,6 +791,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.render:
             results = json.loads(Path(args.render).read_text())
+            results["summary"] = summarize(results)  # the page's summary as this version computes it
             write_outputs(results, out_dir=Path(args.out_dir), page=Path(args.page))
             return 0
         cfg = SMOKE if args.smoke else StudyConfig()

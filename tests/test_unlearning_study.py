@@ -129,3 +129,27 @@ def test_config_checks():
     with pytest.raises(ValueError, match="unknown recipe"):
         U.StudyConfig(recipe="imagenet")
     assert not math.isnan(U.SMOKE.steps)
+
+
+def test_degradation_follows_from_the_runs(study):
+    """The paper's claim as the page tests it: per seed, metric at the smallest retain size
+    minus at the largest (signed so that positive = worse), paired against OrthoGrad's."""
+    cfg, res, paths = study
+    small, large = min(cfg.sizes), max(cfg.sizes)
+    deg = res["summary"]["degradation"]
+    for kind in cfg.kinds:
+        for metric, sign in (("uis", 1.0), ("test_acc", -1.0)):
+            per = {}
+            for v in cfg.variants:
+                at = {(r["size"], r["seed"]): r[metric] for r in res["runs"] if r["kind"] == kind and r["variant"] == v}
+                per[v] = np.array([sign * (at[small, s] - at[large, s]) for s in range(cfg.seeds)])
+                assert deg[kind][metric]["per_variant"][v]["mean"] == pytest.approx(per[v].mean(), abs=1e-12)
+            for v, cell in deg[kind][metric]["paired"].items():
+                d = per[U.REFERENCE] - per[v]
+                assert cell["mean"] == pytest.approx(d.mean(), abs=1e-12)
+                if d.std(ddof=1) > 0:
+                    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+                    assert (cell["lo"], cell["hi"]) == pytest.approx((d.mean() - half, d.mean() + half), abs=1e-9)
+                    assert cell["verdict"] == U.verdict(cell["lo"], cell["hi"], "low")
+    page = Path(paths["page"]).read_text()
+    assert "In plain words" in page and "The paper's claim" in page
