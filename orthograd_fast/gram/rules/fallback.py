@@ -103,6 +103,8 @@ def _per_row_grads(module, names, calls, N, fixed, theta) -> dict[str, torch.Ten
                 break
             except _RandomDraw:
                 raise _random_error(module) from None
+            except _ScalarOutput as e:  # no layout of the inputs changes that: said as it is
+                raise ValueError(str(e)) from None
             except (ValueError, RuntimeError, AssertionError, IndexError) as e:
                 errors.append(e)
         else:
@@ -125,6 +127,10 @@ def _up(t):
 
 class _RandomDraw(Exception):
     """The module drew random numbers during a per-row re-run."""
+
+
+class _ScalarOutput(ValueError):
+    """An output the gradient reaches is a scalar reduced over the rows (e.g. a model's own loss)."""
 
 
 def _assignments(lays: list, flexible: dict, limit: int = 8):
@@ -165,6 +171,16 @@ def _call_row_grads(module, call, lays, N, fixed, theta) -> dict[str, torch.Tens
     out_lays, cot_vals = [], []
     for i, g in cots:
         lay = call.rows.outs[i].layout if i < len(call.rows.outs) else None
+        if lay is None and g.dim() == 0 and N > 1:
+            raise _ScalarOutput(
+                f"SampleGram fallback: output {i} of {name} is a scalar that receives the gradient: a loss "
+                f"{name} reduced over the whole batch (a Hugging Face model called with labels= returns its "
+                f"loss so), which holds no per-row outputs, so re-running {name} on one row cannot give that "
+                "row's gradient (this re-run serves parameters no layer rule and no op trace could split into "
+                "rows). Compute the loss outside the model from its per-row outputs: call it without labels= "
+                "and take per-row losses from the logits, e.g. F.cross_entropy(out.logits.transpose(1, 2), "
+                "labels, reduction='none').sum(1)"
+            )
         if lay is None:
             raise ValueError(
                 f"SampleGram fallback: output {i} of module {name} ({tuple(g.shape)}) "
