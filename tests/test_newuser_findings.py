@@ -45,6 +45,56 @@ def _same(a, b):
     return all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 
 
+# ---------------------------------------------------------------- finding 9
+
+def test_compiled_modules_are_refused_up_front(gen):
+    m = _mlp()
+    x, y = _data(gen, 6)
+    with pytest.raises(ValueError, match="compiled modules are not supported"):
+        SampleGram(torch.compile(m, backend="eager"))
+    inner = nn.Sequential(torch.compile(_mlp(), backend="eager"))
+    with pytest.raises(ValueError, match="module '0' is a torch.compile wrapper"):
+        SampleGram(inner)
+    sg = SampleGram(m)
+    compiled = torch.compile(m, backend="eager")
+    with pytest.raises(ValueError, match="called through torch.compile inside record"):
+        with sg.record(torch.arange(6)):
+            F.cross_entropy(compiled(x), y).backward()
+    m2 = _mlp()
+    sg2 = SampleGram(m2)
+    m2.compile(backend="eager")  # in place, after construction
+    with pytest.raises(ValueError, match="compiled in place"):
+        with sg2.record(torch.arange(6)):
+            pass
+    with pytest.raises(ValueError, match="compiled modules are not supported"):
+        unlearn(torch.compile(_mlp(), backend="eager"), _loader(x, y), _loader(x, y), steps=1)
+
+
+def test_reentrant_checkpointing_names_the_fix(gen):
+    from torch.utils.checkpoint import checkpoint
+
+    class Net(nn.Module):
+        def __init__(self, reentrant):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(10, 12), nn.Linear(12, 12), nn.Linear(12, 4)
+            self.reentrant = reentrant
+
+        def forward(self, x):
+            h = checkpoint(lambda t: torch.tanh(self.b(t)), self.a(x), use_reentrant=self.reentrant)
+            return self.c(h)
+
+    _seed(gen)
+    x, y = _data(gen, 6)
+    with pytest.raises(ValueError, match=r"use_reentrant=True.*use_reentrant=False"):
+        sg = SampleGram(Net(True))
+        with sg.record(torch.arange(6)):
+            F.cross_entropy(sg.model(x), y, reduction="sum").backward()
+    sg = SampleGram(Net(False))  # the way out works
+    with sg.record(torch.arange(6)):
+        F.cross_entropy(sg.model(x), y, reduction="sum").backward()
+    assert sg.gram().shape == (6, 6)
+
+
 # ---------------------------------------------------------------- finding 6
 
 def test_t5_with_labels_at_n_equal_t_says_cause_and_way_out(gen):

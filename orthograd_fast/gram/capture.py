@@ -36,6 +36,18 @@ gradient after the context (a second backward of it outside ``record()`` skips t
 weight).
 nn.MultiheadAttention's projections are read from the graph and never detached.
 The probe of a detached weight is in safety.py (``_probe_detached``).
+
+What capture cannot follow, refused up front with the way out:
+
+* compiled modules (``torch.compile(model)``, ``model.compile()``, or the model called
+  through a compiled wrapper inside ``record()``): dynamo traces the hooks instead of
+  running them per call, and the row check then saw values change where rows do not
+  interact (GPT-2: "rows interact", after minutes of compiling). Detected by the wrapper
+  class (``OptimizedModule``, ``_orig_mod``), a module's compiled call, and, per model
+  call, dynamo's eval-frame callback being set (``compiled_problem``, ``under_dynamo``);
+* gradient checkpointing with ``use_reentrant=True``: its backward cannot run under
+  ``torch.autograd.grad``, which the row check uses; ``use_reentrant=False`` (torch's
+  recommended mode) gives the same gradients and is served exactly.
 """
 from __future__ import annotations
 
@@ -52,6 +64,36 @@ from .rows import per_row_inputs, signature
 from .rules import Probe, Rule, Segments
 from .rules.base import Call
 from .rules.traced import ParamTracer, traced_row_grads
+
+try:  # set while a torch.compile'd callable runs (None/False otherwise)
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback as _eval_frame_callback
+except ImportError:  # pragma: no cover - torch builds without dynamo
+    _eval_frame_callback = None
+
+_COMPILED = (
+    "compiled modules are not supported by SampleGram (its hooks and row check run the model "
+    "eagerly, call by call); pass the uncompiled module (a compiled wrapper's ._orig_mod) and call it "
+    "uncompiled inside record()"
+)
+_REENTRANT = "use_reentrant=True"
+
+
+def compiled_problem(model: nn.Module) -> str | None:
+    """Where ``model`` is compiled (capture docstring), None if nowhere."""
+    for path, m in model.named_modules():
+        where = f"module {path!r}" if path else "the model"
+        if hasattr(m, "_orig_mod") and type(m).__module__.startswith("torch._dynamo"):
+            return f"{where} is a torch.compile wrapper ({type(m).__name__}): {_COMPILED}"
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            return f"{where} was compiled in place ({type(m).__name__}.compile()): {_COMPILED}"
+    return None
+
+
+def under_dynamo() -> bool:
+    """True while torch.compile traces or runs the current call (capture docstring)."""
+    if torch.compiler.is_compiling():
+        return True
+    return _eval_frame_callback is not None and _eval_frame_callback() not in (None, False)
 
 
 class _Step:
@@ -163,6 +205,8 @@ class Capture:
         (which runs the model itself, with the step's hooks asleep)."""
         if not step.active:
             return
+        if under_dynamo():
+            raise ValueError(f"SampleGram: the model is called through torch.compile inside record(): {_COMPILED}")
         N = step.seg.N
         step.call_k = {}
         for path, m in self._bn:  # the clearest message first (safety.py)
@@ -221,6 +265,16 @@ class Capture:
                               tracer=check_tracer, verify=verify if traced else None)
         except RowCheckError as e:
             raise ValueError(f"SampleGram: {e}") from None
+        except RuntimeError as e:
+            if _REENTRANT not in str(e):
+                raise
+            raise ValueError(
+                "SampleGram: the model uses gradient checkpointing with use_reentrant=True, whose backward "
+                "cannot run under torch.autograd.grad (the row check differentiates the model with it); use "
+                "use_reentrant=False: torch.utils.checkpoint.checkpoint(..., use_reentrant=False), or for a "
+                "Hugging Face model gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+                "{'use_reentrant': False}). Same gradients, served exactly."
+            ) from e
         finally:
             step.active = True
             if tracer is not None:

@@ -78,7 +78,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .assign import Assignment
-from .capture import Capture, _no_tf32, _Step, _tensors
+from .capture import Capture, _no_tf32, _Step, _tensors, compiled_problem
 from .fallbacks import Fallbacks
 from .rules import GramOptions, Segments
 from .rules.matrix_triton import check_backend
@@ -98,7 +98,9 @@ class SampleGram(Assignment, Capture, SafetyNet, Fallbacks):
     """Per-segment gradient Gram engine (module docstring).
 
     Args:
-        model: any ``nn.Module``; its batch must be in dim 0 of every layer input.
+        model: any ``nn.Module``; its batch must be in dim 0 of every layer input. Not a
+            compiled one (``torch.compile``: ValueError, capture.py); gradient checkpointing
+            with ``use_reentrant=False`` only.
         params: parameters to serve (default: every parameter with ``requires_grad``, so a
             frozen backbone with trainable adapters needs nothing). Each must require grad.
         mode: "store" or "stream" (module docstring).
@@ -139,6 +141,9 @@ class SampleGram(Assignment, Capture, SafetyNet, Fallbacks):
             if val not in allowed:
                 raise ValueError(f"SampleGram: {name}={val!r}, expected one of {allowed}")
         check_backend(backend, precision)
+        compiled = compiled_problem(model)
+        if compiled is not None:
+            raise ValueError(f"SampleGram: {compiled}")
         self.model = model
         self.mode = mode
         self.backend = backend
@@ -191,6 +196,9 @@ class SampleGram(Assignment, Capture, SafetyNet, Fallbacks):
         self._check_open()
         if self._step is not None and self._step.active:
             raise RuntimeError("SampleGram.record() is already active (no nesting)")
+        compiled = compiled_problem(self.model)  # compiled in place after construction
+        if compiled is not None:
+            raise ValueError(f"SampleGram: {compiled}")
         seg = self._segments(segments, num_segments)
         self._step = None
         step = _Step(seg, stream=self.mode == "stream")
