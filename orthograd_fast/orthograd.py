@@ -76,6 +76,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import batches as _batches
 from .linalg import _single_thread
 from .optimizers import describe, is_plain
 from .modes import eval_modes
@@ -90,20 +91,27 @@ class NonFiniteGradientError(FloatingPointError):
 
 
 def _default_loss(logits, targets: torch.Tensor) -> torch.Tensor:
-    logits = getattr(logits, "logits", logits)  # Hugging Face ModelOutput
-    return F.cross_entropy(logits, targets, reduction="none")
+    """Per-row cross-entropy of the logits (a tensor, ``.logits`` or ``["logits"]``);
+    targets -100 give 0 (F.cross_entropy's ignore_index). ``OrthoGrad.step`` checks the
+    targets first (batches.class_target_problem)."""
+    return F.cross_entropy(_batches.logits_of(logits), targets, reduction="none")
+
+
+def _default_loss_problem(out, y: torch.Tensor, B: int) -> str | None:
+    """Why the default loss cannot take this output and these targets (rows named in the
+    forget or retain batch the caller passed, not in their concatenation)."""
+    logits = _batches.logits_of(out)
+    if logits is None:
+        return (f"the model returned {type(out).__name__}; the default loss needs logits (a tensor, or an "
+                "output with a .logits tensor): pass loss_fn(outputs, targets) -> per-sample losses (N,)")
+    return _batches.class_target_problem(
+        logits, y, ignore_index=-100,
+        where=lambda r: f"retain row {r}" if r < B else f"forget row {r - B}")
 
 
 def _unpack(batch, what: str):
-    if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-        raise ValueError(f"{what} batch must be an (inputs, targets) pair, got {type(batch).__name__}")
-    x, y = batch[0], batch[1]
-    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-        raise ValueError(f"{what} batch must hold tensors (inputs, targets)")
-    if x.shape[0] == 0:
-        raise ValueError(f"{what} batch is empty")
-    if y.shape[0] != x.shape[0]:
-        raise ValueError(f"{what} batch: {x.shape[0]} inputs but {y.shape[0]} targets")
+    """(inputs, targets) of a forget or retain batch (batches.py: a pair, or a mapping with labels)."""
+    x, y, _ = _batches.split_batch(batch, f"{what} batch")
     return x, y
 
 
@@ -360,7 +368,12 @@ class OrthoGrad:
         return self._combination(c, nb, B), c, rank, Gr, rr, gg
 
     def step(self, forget_batch, retain_batch) -> dict:
-        """One OrthoGrad step. forget_batch, retain_batch: (inputs (N, ...), targets (N,)).
+        """One OrthoGrad step. forget_batch, retain_batch: (inputs, targets) pairs, or mappings
+        with a "labels" entry (a Hugging Face collator's batch). Inputs: a tensor (N, ...)
+        (called ``model(x)``), a tuple of tensors (``model(*x)``) or a mapping of tensors
+        (``model(**x)``), rows in dim 0 (orthograd_fast.batches). Targets: (N,) class
+        indices for the default cross-entropy (checked against the logits: shape, range),
+        anything ``loss_fn`` takes otherwise.
 
         Returns {forget_loss, retain_loss (means over the batch rows, before the step),
         rank (numerical rank of the retain gradients; per_tensor: summed over tensors),
@@ -368,35 +381,47 @@ class OrthoGrad:
         step_orthogonality / step_cosine_max or step_orthogonality_bound (module docstring,
         "Reported figures"), step_projected (Adam, project_step), fixed_point_iters,
         optimizer, grad_norm (of the written gradient before clipping), step_time (s)}.
-        Raises NonFiniteGradientError (before any parameter changes) on NaN/Inf.
+        Raises NonFiniteGradientError (before any parameter changes) on NaN/Inf in a loss, the
+        Gram or the update; ValueError (before any change) on bad batches: NaN/Inf in the data
+        (rows of the batch passed), inputs of another dtype than the model, targets the
+        default loss cannot take, a call under ``torch.no_grad()``/``inference_mode()``.
         """
         if self.engine is None:
             raise ValueError("this OrthoGrad was closed")
+        if torch.is_inference_mode_enabled() or not torch.is_grad_enabled():
+            ctx = "torch.inference_mode()" if torch.is_inference_mode_enabled() else "torch.no_grad()"
+            raise ValueError(
+                f"OrthoGrad.step() was called under {ctx}: the step needs the gradients of a "
+                "forward/backward pass; call it outside that context"
+            )
         t0 = time.perf_counter()
         xf, yf = _unpack(forget_batch, "forget")
         xr, yr = _unpack(retain_batch, "retain")
-        B, Fn = xr.shape[0], xf.shape[0]
+        B, Fn = yr.shape[0], yf.shape[0]
         self._B = B
         per_sample = self.retain_grads == "per_sample"
         nb = B if per_sample else 1
-        dev = xr.device
+        dev = _batches.leaves(xr)[0][1].device
         seg_r = torch.arange(B, device=dev) if per_sample else torch.zeros(B, dtype=torch.long, device=dev)
         segments = torch.cat([seg_r, torch.full((Fn,), nb, dtype=torch.long, device=dev)])
         pdt = self.named[0][1].dtype
-        for what, t in (("retain", xr), ("forget", xf)):
-            if t.is_floating_point() and t.dtype != pdt and pdt.is_floating_point and \
-                    {t.dtype, pdt} != {torch.float16, torch.float32} and {t.dtype, pdt} != {torch.bfloat16, torch.float32}:
-                raise ValueError(
-                    f"the {what} inputs are {t.dtype} but the model's parameters are {pdt}: cast the data "
-                    f"(e.g. x.to({pdt}))"
-                )
-        x = torch.cat([xr, xf.to(dtype=xr.dtype, device=dev)])
-        y = torch.cat([yr, yf.to(device=dev)])
+        for what, t in (("retain batch", xr), ("forget batch", xf)):
+            _batches.check_finite(t, what)
+            _batches.check_dtype(t, pdt, what)
+        problem = _batches.align_problem(xf, xr)
+        if problem is not None:
+            raise ValueError(f"forget and retain batches cannot be concatenated: {problem}")
+        x = _batches.cat_rows(xr, xf)
+        y = torch.cat([yr, yf.to(device=yr.device)])
+        default_loss = self.loss_fn is _default_loss
 
         self.optimizer.zero_grad(set_to_none=True)
         try:
             with eval_modes(self.model, self.eval_mode), self.engine.record(segments, num_segments=nb + 1):
-                losses = self.loss_fn(self.model(x), y)
+                out = _batches.call(self.model, x)
+                if default_loss and (problem := _default_loss_problem(out, y, B)) is not None:
+                    raise ValueError(f"OrthoGrad's default loss (cross-entropy): {problem}")
+                losses = self.loss_fn(out, y)
                 if losses.dim() != 1 or losses.shape[0] != B + Fn:
                     raise ValueError(
                         f"loss_fn must return per-sample losses of shape ({B + Fn},), got {tuple(losses.shape)}"

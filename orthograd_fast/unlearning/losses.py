@@ -1,8 +1,10 @@
 """Losses of the unlearning methods, per row (the form OrthoGrad needs) and as batch means.
 
-* ``logits_of(out)``: a model's output as logits: the tensor itself, or ``out.logits`` (a
-  Hugging Face ``ModelOutput`` or any object with a ``logits`` tensor).
-* ``cross_entropy_rows(logits (N, C), targets (N,)) -> (N,)``: per-sample cross-entropy.
+* ``logits_of(out)``: a model's output as logits: the tensor itself, ``out.logits`` (a
+  Hugging Face ``ModelOutput`` or any object with a ``logits`` tensor) or ``out["logits"]``.
+* ``cross_entropy_rows(logits (N, C), targets (N,)) -> (N,)``: per-sample cross-entropy;
+  targets checked first (class indices in [0, C), or probabilities (N, C):
+  ``orthograd_fast.batches.class_target_problem``), ValueError naming the fix.
 * ``token_nll_rows(logits (N, T, V), labels (N, T)) -> (N,)``: the causal language-model
   loss of each sequence: the mean next-token negative log-likelihood over the sequence's
   labelled tokens. Token t predicts label t+1 (logits[:, :-1] against labels[:, 1:], the
@@ -22,26 +24,31 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from .. import batches as _batches
+
 IGNORE_INDEX = -100
 
 
 def logits_of(out) -> torch.Tensor:
-    """The logits of a model output: ``out`` if it is a tensor, else ``out.logits``."""
-    if isinstance(out, torch.Tensor):
-        return out
-    logits = getattr(out, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    raise ValueError(
-        f"the model returned {type(out).__name__}; unlearning needs logits: a tensor, or an "
-        "object with a .logits tensor (Hugging Face ModelOutput), or pass loss_fn(outputs, "
-        "targets) -> per-sample losses (N,)"
-    )
+    """The logits of a model output: ``out`` if it is a tensor, else ``out.logits`` or ``out["logits"]``."""
+    logits = _batches.logits_of(out)
+    if logits is None:
+        raise ValueError(
+            f"the model returned {type(out).__name__}; unlearning needs logits: a tensor, an "
+            "object with a .logits tensor (Hugging Face ModelOutput) or a dict with 'logits'; or pass "
+            "loss_fn(outputs, targets) -> per-sample losses (N,)"
+        )
+    return logits
 
 
 def cross_entropy_rows(out, targets: torch.Tensor) -> torch.Tensor:
-    """Per-sample cross-entropy (N,) of logits (N, C) (or an output with ``.logits``)."""
-    return F.cross_entropy(logits_of(out), targets, reduction="none")
+    """Per-sample cross-entropy (N,) of logits (N, C) (or an output with ``.logits``); the
+    targets checked first (module doc)."""
+    logits = logits_of(out)
+    problem = _batches.class_target_problem(logits, targets, ignore_index=None)
+    if problem is not None:
+        raise ValueError(f"the default loss (cross-entropy): {problem}")
+    return F.cross_entropy(logits, targets, reduction="none")
 
 
 def _shifted(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int):

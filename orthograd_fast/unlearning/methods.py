@@ -37,6 +37,7 @@ import inspect
 import torch
 from torch import nn
 
+from ..batches import call, cat_rows
 from ..orthograd import NonFiniteGradientError, OrthoGrad
 from .losses import distill_kl, logits_of
 from .tasks import Classification, Task
@@ -59,8 +60,30 @@ DEFAULTS: dict[str, dict] = {
 }
 
 
-#: optimizer names of ``unlearn(..., optimizer=...)`` (or pass a callable(params, lr))
+#: optimizer names of ``unlearn(..., optimizer=...)`` (or pass a callable(params, lr) -> Optimizer)
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def _make_optimizer(factory, params: list, lr: float) -> torch.optim.Optimizer:
+    """``factory(params, lr)``: the caller's optimizer over the trainable parameters, e.g.
+    ``lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)`` (an
+    optimizer class such as ``torch.optim.Adagrad`` works as is). A callable that cannot
+    take the two arguments is refused with the signature it needs."""
+    try:
+        inspect.signature(factory).bind(params, lr)
+    except TypeError as e:
+        name = getattr(factory, "__name__", factory)
+        raise ValueError(
+            f"optimizer={name!r} cannot be called as optimizer(params, lr) ({e}): a callable optimizer gets "
+            "the list of trainable parameters and the learning rate and returns a torch.optim.Optimizer, e.g. "
+            "lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)"
+        ) from None
+    except ValueError:  # no signature to inspect (a builtin): call it and see
+        pass
+    opt = factory(params, lr)
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise ValueError(f"optimizer(params, lr) returned {type(opt).__name__}, not a torch.optim.Optimizer")
+    return opt
 
 
 def _trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -77,7 +100,8 @@ def _check_finite_loss(loss: torch.Tensor, what: str) -> None:
 
 class Method:
     """Base stepper: an optimizer on the trainable parameters (``optimizer``: "sgd" with
-    ``momentum``/``weight_decay``, "adam", "adamw", or a callable(params, lr) returning one;
+    ``momentum``/``weight_decay``, "adam", "adamw", or a callable ``optimizer(params, lr) ->
+    torch.optim.Optimizer`` called with the list of trainable parameters and the step size;
     OrthoGrad makes the step of each orthogonal, orthograd.py "Optimizer-aware");
     subclasses define ``step``.
 
@@ -103,9 +127,7 @@ class Method:
         self.net = self.task.wrap(model)
         self.params = _trainable(model)
         if callable(optimizer):
-            self.optimizer = optimizer(self.params, lr)
-            if not isinstance(self.optimizer, torch.optim.Optimizer):
-                raise ValueError(f"optimizer(params, lr) returned {type(self.optimizer).__name__}, not an Optimizer")
+            self.optimizer = _make_optimizer(optimizer, self.params, lr)
         elif optimizer == "sgd":
             self.optimizer = torch.optim.SGD(self.params, lr=lr, momentum=momentum, weight_decay=weight_decay)
         else:
@@ -118,7 +140,7 @@ class Method:
 
     def _loss(self, batch) -> tuple[torch.Tensor, object]:
         """(mean row loss, raw output) of the model on a prepared batch (x, y)."""
-        out = self.net(batch[0])
+        out = call(self.net, batch[0])
         return self.task.row_losses(out, batch[1]).mean(), out
 
     def _apply(self, loss: torch.Tensor, what: str = "unlearning") -> float:
@@ -190,7 +212,7 @@ class RandomLabel(Method):
         xr, yr = retain_batch[0], retain_batch[1]
         if yf.dim() != 1 or yf.is_floating_point():
             raise ValueError(f"random_label needs class-index targets (N,), got {yf.dtype} {tuple(yf.shape)}")
-        out = self.net(torch.cat([xf, xr]))
+        out = call(self.net, cat_rows(xf, xr))
         C = logits_of(out).shape[1]
         if C < 2:
             raise ValueError("random_label needs at least 2 classes")
@@ -220,13 +242,13 @@ class Scrub(Method):
         if self.msteps is None or self.steps < self.msteps:
             xf = forget_batch[0]
             with torch.no_grad():
-                tf = logits_of(self.teacher(xf))
-            kl_f = distill_kl(logits_of(self.net(xf)), tf, self.T)
+                tf = logits_of(call(self.teacher, xf))
+            kl_f = distill_kl(logits_of(call(self.net, xf)), tf, self.T)
             stats["forget_kl"] = float(kl_f.detach())
             self._apply(-kl_f, "SCRUB max-step")
         xr = retain_batch[0]
         with torch.no_grad():
-            tr = logits_of(self.teacher(xr))
+            tr = logits_of(call(self.teacher, xr))
         ce, out = self._loss(retain_batch)
         loss = self.gamma * ce + self.beta * distill_kl(logits_of(out), tr, self.T)
         stats["grad_norm"] = self._apply(loss, "SCRUB min-step")
@@ -237,7 +259,7 @@ class Scrub(Method):
 
 class OrthoGradMethod(Method):
     """OrthoGrad (see :class:`~orthograd_fast.orthograd.OrthoGrad`) with the method's optimizer
-    (``optimizer``: "sgd", "adam", "adamw", or a callable(params, lr); any other optimizer's
+    (``optimizer``: "sgd", "adam", "adamw", or a callable(params, lr) -> Optimizer; any other optimizer's
     step is projected with ``project_step=True``), the task's per-row losses as its loss, the
     step in eval mode unless ``eval_mode=False``; ``measure=True`` measures every step's
     orthogonality on the actual weight change."""

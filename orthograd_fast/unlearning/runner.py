@@ -24,7 +24,9 @@ Promises:
   with ``seed`` before the first step.
 
 Batches and losses (``task``, see ``orthograd_fast.unlearning.tasks``):
-``"classification"`` (default): loaders yield (inputs, targets) batches; loss
+``"classification"`` (default): loaders yield (inputs, targets) batches (inputs a tensor,
+or a tuple of tensors passed as ``model(*inputs)``) or dicts with ``labels`` (a collator's
+batch, the model called as ``model(**other entries)``; ``orthograd_fast.batches``); loss
 ``loss_fn(outputs, targets) -> (N,)`` per-sample losses, default cross-entropy on the
 logits (a tensor or an output's ``.logits``, as Hugging Face models return). ``"lm"``:
 causal language models, rows = sequences: loaders yield dicts with ``input_ids`` (and
@@ -70,6 +72,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..batches import call, check_dtype, param_dtype
 from ..modes import eval_modes, module_modes, restore_modes
 from . import methods as _methods
 from .tasks import Task, make_task
@@ -150,10 +153,12 @@ def evaluate_loader(net: nn.Module, loader, task: Task, what: str) -> dict:
     per-row loss), finite (every loss and logit finite), rows}; ValueError on bad data."""
     correct = total = rows = 0
     loss_sum, finite, has_acc = 0.0, True, True
+    dtype = param_dtype(net)
     with eval_modes(net):
         for i, batch in enumerate(loader):
             x, y = task.prepare(batch, f"{what} loader, batch {i}")
-            out = net(x)
+            check_dtype(x, dtype, f"{what} loader, batch {i}")
+            out = call(net, x)
             losses = task.row_losses(out, y)
             finite = finite and bool(torch.isfinite(losses).all())
             logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
@@ -392,6 +397,7 @@ def _run(stepper, model, task, retain_loader, forget_loader, val_loader, *, meth
         stopped_by, steps = "already_at_target", 0
 
     forget_it, retain_it = _cycle(forget_loader, "forget"), _cycle(retain_loader, "retain")
+    dtype = param_dtype(model)
     model.train()
     torch.manual_seed(seed)  # loaders without their own generator shuffle from this
     try:
@@ -400,6 +406,7 @@ def _run(stepper, model, task, retain_loader, forget_loader, val_loader, *, meth
                 (i, fb), (j, rb) = next(forget_it), next(retain_it)
                 fb = task.prepare(fb, f"forget loader, batch {i}")
                 rb = task.prepare(rb, f"retain loader, batch {j}")
+                check_dtype(rb[0], dtype, f"retain loader, batch {j}")
                 fb, rb = task.align(fb, rb)
                 try:
                     stats = stepper.step(fb, rb)
@@ -450,7 +457,8 @@ def _retrain(model, task, retain_loader, *, epochs, steps, lr, seed, progress,
     t0 = time.perf_counter()
     net = task.wrap(model)
     first = next(iter(_cycle(retain_loader, "retain")))[1]
-    task.prepare(first, "retain loader, batch 0")  # the data is checked before the model changes
+    # the data is checked before the model changes
+    check_dtype(task.prepare(first, "retain loader, batch 0")[0], param_dtype(model), "retain loader, batch 0")
     original = _snapshot(model)
     try:
         reinitialize(model, seed)
@@ -470,7 +478,7 @@ def _retrain(model, task, retain_loader, *, epochs, steps, lr, seed, progress,
         for step in bar:
             i, batch = next(it)
             x, y = task.prepare(batch, f"retain loader, batch {i}")
-            loss = task.row_losses(net(x), y).mean()
+            loss = task.row_losses(call(net, x), y).mean()
             if not bool(torch.isfinite(loss)):
                 raise FloatingPointError(f"retrain diverged at step {step} (loss {float(loss.detach())}); lower lr; "
                                          "the model's original weights were restored")
@@ -516,7 +524,10 @@ def unlearn(
     pad_id: token id that pads sequences for "lm" (default: the model's config).
     return_result: return an :class:`UnlearnResult` instead of the model. method_kw: the
     method's options (e.g. ``alpha``, ``granularity``, ``max_grad_norm``, ``seed``,
-    ``monitor``, ``progress``; orthograd: ``eval_mode``).
+    ``monitor``, ``progress``; orthograd: ``eval_mode``, ``project_step``, ``measure``), among
+    them ``optimizer``: "sgd" (default; ``momentum``, ``weight_decay``), "adam", "adamw", or a
+    callable ``optimizer(params, lr) -> torch.optim.Optimizer`` called with the list of
+    trainable parameters and ``lr`` (another arity: ValueError).
 
     Raises ValueError on bad arguments or data, before anything of the model changes.
     """

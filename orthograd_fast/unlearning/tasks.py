@@ -7,18 +7,32 @@ concatenable (``align``), wraps the model into the module the methods call with 
 and the stopping rules go through it, so a model, a loss or a batch format is supported
 by all of them at once.
 
-``Classification(loss_fn=None)`` (``task="classification"``): batches (inputs, targets,
-...) with inputs (N, ...) and targets (N, ...). Loss: ``loss_fn(outputs, targets) ->
-(N,)`` per-sample losses, default cross-entropy on the logits (a tensor (N, C) or an
-output's ``.logits``). Accuracy: argmax over classes when the logits are (N, C) and the
-targets class indices (N,), else none (the forget-accuracy stopping rule is then off).
-Forget and retain inputs must have one shape per row; if they differ, the error says
-exactly how.
+``Classification(loss_fn=None)`` (``task="classification"``): batches as
+``orthograd_fast.batches`` reads them (``OrthoGrad.step`` reads the same):
 
-Model outputs: a logits tensor, or a Hugging Face ``ModelOutput`` (a dict or tuple holding
-the logits works too). The baselines accept any object with a ``.logits`` tensor;
-OrthoGrad's per-sample Gram engine finds the output rows through torch's pytree, so an
-output object it cannot traverse is refused there with a clear error.
+* (inputs, targets) pairs: inputs a tensor (N, ...) called as ``model(x)``, or a tuple of
+  tensors ((ids, mask), labels) called as ``model(ids, mask)``;
+* a dict with ``labels`` (a Hugging Face collator's batch, e.g. BERT sequence
+  classification): targets = ``labels``, the model called as ``model(**other entries)``
+  (input_ids, attention_mask, token_type_ids, ...).
+
+A flat batch of three or more tensors (``TensorDataset(ids, mask, labels)``) is refused:
+which one holds the targets would be a guess (the attention mask was once read as the
+targets). Rows are dim 0 of every input tensor. Loss: ``loss_fn(outputs, targets) ->
+(N,)`` per-sample losses, default cross-entropy on the logits (N, C) against class
+indices (N,) in [0, C) (or class probabilities, floating (N, C)); other targets — (N, 1),
+labels outside the classes, a binary model's (N, 1) logits — are refused with the fix
+named, as are floating inputs of another dtype than the model's parameters (numpy's
+float64). Accuracy: argmax over classes when the logits are (N, C) and the targets class
+indices (N,), else none (the forget-accuracy stopping rule is then off). Forget and
+retain inputs must have one shape per row (dict batches: pad both loaders to one length);
+if they differ, the error says exactly how.
+
+Model outputs: a logits tensor, an object with a ``.logits`` tensor (a Hugging Face
+``ModelOutput``, a dataclass, a NamedTuple) or a dict with a ``"logits"`` tensor. Any
+other output (a plain tuple, a dict without logits) needs ``loss_fn``. OrthoGrad's
+per-sample Gram engine finds the output rows through torch's pytree, so an output object
+it cannot traverse is refused there with a clear error.
 
 ``CausalLM(pad_id=0, loss_fn=None)`` (``task="lm"``): causal language models, rows =
 sequences. A batch is a dict with ``input_ids`` (N, T) and optionally ``attention_mask``
@@ -51,7 +65,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from .losses import IGNORE_INDEX, cross_entropy_rows, logits_of, token_correct, token_nll_rows
+from .. import batches as _batches
+from .losses import IGNORE_INDEX, cross_entropy_rows, token_correct, token_nll_rows
 
 TASKS = ("classification", "lm")
 
@@ -120,37 +135,31 @@ class Classification(Task):
         self.loss_fn = loss_fn
 
     def prepare(self, batch, what):
-        if isinstance(batch, Mapping):
+        if isinstance(batch, Mapping) and _batches.LABELS not in batch:
             raise ValueError(
-                f"{what}: a dict batch (keys {sorted(batch)}) where an (inputs, targets) pair was "
-                "expected; for a causal language model pass task='lm'"
+                f"{what}: a dict batch (keys {sorted(map(str, batch))}) without 'labels': classification "
+                "reads the targets from 'labels' and calls model(**the other entries); for a causal "
+                "language model (labels = the input ids) pass task='lm'"
             )
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise ValueError(f"{what}: a batch must be an (inputs, targets) pair, got {type(batch).__name__}")
-        x, y = batch[0], batch[1]
-        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
-            raise ValueError(f"{what}: a batch must hold tensors (inputs, targets), got "
-                             f"({type(x).__name__}, {type(y).__name__})")
-        if x.dim() == 0 or x.shape[0] == 0:
-            raise ValueError(f"{what}: an empty batch")
-        if y.dim() == 0 or y.shape[0] != x.shape[0]:
-            raise ValueError(f"{what}: {x.shape[0]} inputs but targets of shape {tuple(y.shape)}")
-        _check_finite(x, what, "inputs")
+        x, y, _ = _batches.split_batch(batch, what)
+        _batches.check_finite(x, what)
         _check_finite(y, what, "targets")
         return x, y
 
     def align(self, forget, retain):
         (xf, yf), (xr, yr) = forget, retain
-        for part, a, b in (("inputs", xf, xr), ("targets", yf, yr)):
-            if a.shape[1:] != b.shape[1:]:
-                raise ValueError(
-                    f"forget and retain {part} differ in shape beyond the batch dimension: a forget "
-                    f"row is {tuple(a.shape[1:])}, a retain row {tuple(b.shape[1:])}; both loaders must "
-                    "yield one shape per row (pad or resize to a common shape; a causal language "
-                    "model: task='lm' pads sequences itself)"
-                )
-            if a.is_floating_point() != b.is_floating_point():
-                raise ValueError(f"forget {part} are {a.dtype} but retain {part} {b.dtype}")
+        problem = _batches.align_problem(xf, xr)
+        if problem is None and yf.shape[1:] != yr.shape[1:]:
+            problem = (f"the targets differ in shape beyond the batch dimension: a forget row is "
+                       f"{tuple(yf.shape[1:])}, a retain row {tuple(yr.shape[1:])}")
+        if problem is None and yf.is_floating_point() != yr.is_floating_point():
+            problem = f"the forget targets are {yf.dtype} but the retain targets {yr.dtype}"
+        if problem is not None:
+            raise ValueError(
+                f"forget and retain batches cannot be concatenated: {problem}; both loaders must yield one "
+                "shape per row (pad or resize to a common shape; a causal language model: task='lm' pads "
+                "sequences itself)"
+            )
         return forget, retain
 
     def row_losses(self, out, y):
@@ -159,7 +168,7 @@ class Classification(Task):
         return _rows(self.loss_fn(out, y), y.shape[0], "loss_fn")
 
     def accuracy_counts(self, out, y):
-        logits = out if isinstance(out, torch.Tensor) else getattr(out, "logits", None)
+        logits = _batches.logits_of(out)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or y.dim() != 1 or y.is_floating_point():
             return None
         return int((logits.argmax(1) == y).sum()), int(y.shape[0])
