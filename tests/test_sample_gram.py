@@ -122,7 +122,11 @@ class Adapter(nn.Module):
 
     def forward(self, x):
         h = self.backbone(x)
-        h = self.norm(h + self.up(torch.relu(self.down(h))))
+        # tanh, not relu: with a ReLU, a row r0 whose 3 units are all closed before and after
+        # the row check's replacement leaves up's output unchanged, and the check then reads it
+        # as shared by all rows (exact through the op tracer, but not the LinearRule path the
+        # detach tests below expect; measured: 1 seed in 4)
+        h = self.norm(h + self.up(torch.tanh(self.down(h))))
         return self.head(h)
 
 
@@ -462,9 +466,12 @@ def test_detached_weight_loss_term_is_refused(gen):
     model, make = conv1d()
     x, y = make(6, gen)
     sg = SampleGram(model)
+    # a weight-decay-sized term: at 0.1·‖W‖² its probe contraction fell inside the exact
+    # fallback's rounding allowance (1024·eps·the step's largest probe scale) for 6 of 300
+    # seeds; at 1.0·‖W‖², 0 of 300 (an outside gradient below the allowance is not seen)
     with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match="not the sum of per-row"):
         with sg.record(torch.arange(6)):
-            (ce_sum(model(x), y) + 0.1 * model.c1.weight.square().sum()).backward()
+            (ce_sum(model(x), y) + model.c1.weight.square().sum()).backward()
 
 
 # --------------------------------------------------------------------------------------

@@ -115,6 +115,7 @@ class SafetyNet:
         """Parameters (not in the root fallback) whose probe failed: to be rerouted."""
         skipped = {g for rule in rules for g in rule.skipped}
         moved = []
+        floor = self._probe_floor(step)  # once per step (it was once per parameter: O(P²) calls)
         for gname, pr in step.probes.items():
             if gname in self._root.params:
                 continue
@@ -123,7 +124,7 @@ class SafetyNet:
                     moved.append(gname)
                 continue
             slack = _FALLBACK_SLACK if gname in step.seg_grads else _RULE_SLACK
-            if pr.mismatch(torch.finfo(self._tracked[gname].dtype).eps, slack, self._probe_floor(step)):
+            if pr.mismatch(torch.finfo(self._tracked[gname].dtype).eps, slack, floor):
                 moved.append(gname)
         return moved
 
