@@ -47,28 +47,30 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.nn.utils import parametrizations as P
 
-#: Excluded while the engine crashes on it (/work/notes/property-findings.md, finding 1): a
+#: Fixed (all False: the grammar covers every case again). Each switch kept a found fault out
+#: of the CI run until its fix; the reproducers are in test_sample_gram_property.py.
+#: Was excluded while the engine crashed on it (property finding 1): a
 #: per-row key_padding_mask of an nn.MultiheadAttention served by the per-row module
 #: fallback (query, key, value not one tensor; add_bias_kv, add_zero_attn, kdim/vdim) is
 #: passed whole (N, S) to a one-row call when the row check's two rows happen to have the
 #: same mask (AssertionError inside torch). The grammar keeps the mask only on plain
 #: batch-first self-attention (the attention rule). Set False to hunt it.
 EXCLUDE_KPM_ON_FALLBACK = False
-#: Excluded while refused without a path or a fix (findings, finding 2): any parametrized
+#: Was excluded while refused without a path or a fix (finding 2): any parametrized
 #: weight (weight_norm, spectral_norm, orthogonal) in a batch of one row. Set False to hunt.
 EXCLUDE_PARAMETRIZED_SINGLE_ROW = False
-#: Excluded while the engine crashes on it (findings, finding 3): an attention mask shared
+#: Was excluded while the engine crashed on it (finding 3): an attention mask shared
 #: by all rows whose L rows are all equal (zeros, one key mask for every query, a causal
 #: mask over one key) with L == N is sliced per row. The grammar drops such masks when
 #: L == N. Set False to hunt it.
 EXCLUDE_ROW_EQUAL_MASK_L_EQ_N = False
-#: Excluded while the engine returns a WRONG Gram silently (findings, finding 5): a module
+#: Was excluded while the engine returned a WRONG Gram silently (finding 5): a module
 #: fed an input shared by all rows ((1, T) position ids, a constant buffer) when T is a
 #: multiple of N and the loss reads one position (pooling, a strided conv): the check sees
 #: its output gradient in one position and takes the positions for rows. The grammar
 #: replaces such blocks by a bare bias when T % N == 0. Set False to hunt it.
 EXCLUDE_SHARED_INPUT_T_MULTIPLE_OF_N = False
-#: Excluded while the engine returns a WRONG Gram silently (findings, finding 7): rows
+#: Was excluded while the engine returned a WRONG Gram silently (finding 7): rows
 #: coupled causally (an RNN run along the batch, a cumsum over rows) are not detected when
 #: the check's row r0 is the last row and no trained module sits upstream of the coupling.
 #: The grammar keeps the stem trainable in coupled specs. Set False to hunt it.

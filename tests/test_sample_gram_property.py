@@ -29,10 +29,10 @@ the shrunk ModelSpec of a failure, and ``build(spec)`` in model_grammar.py rebui
 ``ORTHOGRAD_PROPERTY_LOG=path`` appends every example's outcome, CPU seconds and spec to
 a file; ``ORTHOGRAD_PROPERTY_SHRINK=0`` skips shrinking.
 
-Known violations (/work/notes/property-findings.md) are kept out of the random grammar by
-the ``EXCLUDE_*`` switches of model_grammar.py and pinned below (``_REPRODUCERS``), strict
-xfails while listed in ``_OPEN``. When a fix lands, its entry XPASSes: take it out of
-``_OPEN`` and turn its switch off.
+Every violation found is pinned below (``_REPRODUCERS``, one comment each: what failed,
+findings 1-10, all fixed). A new one is kept out of the random grammar by an ``EXCLUDE_*``
+switch of model_grammar.py and pinned as a strict xfail while listed in ``_OPEN``; when its
+fix lands the entry XPASSes: take it out of ``_OPEN`` and turn its switch off.
 """
 from __future__ import annotations
 
@@ -333,7 +333,7 @@ def test_the_grammar_models_run_alone():
 
 
 # ---------------------------------------------------------------------------------------
-# the findings' reproducers (/work/notes/property-findings.md), kept out of the random
+# the findings' reproducers (each with what it was), once kept out of the random
 # grammar by model_grammar.EXCLUDE_*: each must end as ``expected`` ("exact": served; or
 # "refused": a clear ValueError). Names in _OPEN still fail at this commit (strict xfail):
 # when a fix lands its entry XPASSes; remove it from _OPEN (and turn its switch off).
