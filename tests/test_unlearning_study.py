@@ -153,3 +153,43 @@ def test_degradation_follows_from_the_runs(study):
                     assert cell["verdict"] == U.verdict(cell["lo"], cell["hi"], "low")
     page = Path(paths["page"]).read_text()
     assert "In plain words" in page and "The paper's claim" in page
+
+
+def test_claim_leaves_out_baselines_that_cannot_degrade(study):
+    """neggrad uses no retain data: its runs are the same at every retain size, so a paired
+    degradation test against it only asks whether OrthoGrad's own degradation is 0. The
+    claim must leave it out (and say so); once its runs differ it is compared again."""
+    import copy
+
+    cfg, res, _ = study
+    small = min(cfg.sizes)
+    for kind in cfg.kinds:
+        assert U._same_at_both_ends(res, kind, "neggrad")
+    lines = U.plain_words(res)
+    for line in lines:
+        claim = line.split("As the retain set shrinks", 1)[1]
+        assert "neggrad left out of this comparison" in claim
+        assert "than neggrad" not in claim and "neggrad's" not in claim
+    moved = copy.deepcopy(res)
+    run = next(r for r in moved["runs"] if r["variant"] == "neggrad" and r["kind"] == cfg.kinds[0]
+               and r["size"] == small and r["seed"] == 0)
+    run["test_acc"] -= 0.25
+    assert not U._same_at_both_ends(moved, cfg.kinds[0], "neggrad")
+    assert "neggrad left out" not in U.plain_words(moved)[0]
+
+
+def test_claim_names_baselines_that_ran_out_of_budget(study):
+    """A baseline that stopped on the budget forgot less than the target: the claim says how
+    many of its runs did, as it does for OrthoGrad."""
+    import copy
+
+    cfg, res, _ = study
+    kind = cfg.kinds[0]
+    marked = copy.deepcopy(res)
+    for r in marked["runs"]:
+        if r["variant"] == "neggrad":
+            r["stopped_by"] = "budget" if (r["kind"] == kind and r["seed"] == 0) else "target"
+    n = sum(1 for r in marked["runs"] if r["variant"] == "neggrad" and r["kind"] == kind)
+    lines = U.plain_words(marked)
+    assert f"neggrad {len(cfg.sizes)}/{n}" in lines[0]
+    assert all("baselines ran out of the budget" not in line for line in lines[1:])
