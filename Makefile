@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test demo demo-fmnist bench bench-gram mutate data clean
+.PHONY: venv test demo demo-fmnist bench bench-gram study mutate data clean
 
 # constraints.txt keeps torch at the local CPU wheel whatever a requirement asks for.
 # The editable install's "Editable installation" note is setuptools' InformationOnly
@@ -41,6 +41,10 @@ demo-fmnist: $(STAMP) data
 bench: $(BENCH_STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider bench/bench_projection.py --benchmark-columns=median,iqr,rounds
 	$(PY) bench/bench_peers.py
+
+# The unlearning-quality study (issue 10) -> bench/UNLEARNING.md, about 15 minutes on 2 cores.
+study: $(STAMP) data
+	$(PY) bench/unlearning_study.py --jobs 2
 
 # The SampleGram table of bench/RESULTS.md (issue 3), about 5 minutes.
 bench-gram: $(STAMP)
