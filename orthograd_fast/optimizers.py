@@ -104,10 +104,12 @@ def describe(optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor]) 
             if name is None:
                 continue
             st = optimizer.state.get(p, {})
-            theta = _f64(p)
             if kind is torch.optim.SGD:
                 mu, tau, nest = float(group["momentum"]), float(group["dampening"]), bool(group["nesterov"])
                 buf = st.get("momentum_buffer") if mu != 0 else None
+                # θ in fp64 only where the step reads it: plain SGD, the common unlearning
+                # step, makes no fp64 copy of the parameters
+                theta = _f64(p) if lam or buf is not None else None
                 if mu == 0:
                     a, b = s, (lam * theta if lam else None)
                 elif buf is None:  # first step: the buffer is the gradient itself
@@ -122,6 +124,7 @@ def describe(optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor]) 
                         a, b = s * (1 - tau), mu * buf + (1 - tau) * lam * theta
                 out[name] = TensorStep(a=a, b=b, c=None, lr=lr)
             else:  # Adam / AdamW (torch 2.x: AdamW is Adam with decoupled weight decay)
+                theta = _f64(p)
                 beta1, beta2 = (float(x) for x in group["betas"])
                 decoupled = kind is torch.optim.AdamW or bool(group.get("decoupled_weight_decay", False))
                 t = int(float(st["step"])) + 1 if "step" in st else 1

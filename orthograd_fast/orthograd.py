@@ -201,6 +201,31 @@ def _solve_batched(K: torch.Tensor, b: torch.Tensor, gg: torch.Tensor, rtol: flo
     return c, rank, Gr, rr
 
 
+def _norms64(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """(L,) fp64 2-norms of the tensors, formed in fp64 without fp64 copies (one
+    ``torch._foreach_norm`` call when they share a device and are dense)."""
+    if not tensors:
+        return torch.zeros(0, dtype=torch.float64)
+    dev = tensors[0].device
+    if any(t.device != dev or t.is_sparse for t in tensors):
+        return torch.stack([torch.linalg.vector_norm(t.to_dense(), dtype=torch.float64).cpu() for t in tensors])
+    return torch.stack(torch._foreach_norm(tensors, 2.0, dtype=torch.float64))
+
+
+def _finite_sq_norm(tensors: list[torch.Tensor]) -> tuple[bool, float]:
+    """(whether no tensor holds NaN/Inf, Σ_t ‖t‖² in fp64), from one fp64 norm per tensor.
+
+    A finite norm proves its tensor finite (NaN and Inf propagate through a sum of squares);
+    a non-finite one is rechecked with ``isfinite`` (an fp64 sum of squares overflows only
+    for entries beyond ~1e154, never for fp32/fp16/bf16 ones). One reduction pass per
+    tensor instead of an ``isfinite`` mask and its ``all`` per tensor."""
+    norms = _norms64(tensors)
+    sq = float(norms.square().sum())
+    if math.isfinite(sq):
+        return True, sq
+    return all(bool(torch.isfinite(t).all()) for t in tensors), sq
+
+
 def _spectral_sq(K: torch.Tensor) -> float:
     """‖G‖₂² = λ_max(K) of a Gram K (B, B), on the CPU like ``_solve_batched``."""
     if K.numel() == 0:
@@ -442,7 +467,8 @@ class OrthoGrad:
             grams = self.engine.gram(per_tensor=True)
         except FloatingPointError as e:  # the engine's own non-finite check (gram.NonFiniteGramError)
             raise NonFiniteGradientError(str(e)) from e
-        self._check_finite(torch.stack(list(grams.values())))
+        stacked = torch.stack(list(grams.values()))  # [L, S, S], one copy for the check and the solve
+        self._check_finite(stacked)
         steps, why = self._optimizer_steps()
         # Adam/AdamW (and, with project_step=True, any optimizer): the step itself is
         # projected after optimizer.step() (module docstring, "Optimizer-aware")
@@ -453,10 +479,11 @@ class OrthoGrad:
         X = None
         if (aware and not linear) or post or self.measure:
             X = self.engine.segment_grads(list(grams))
+        solved = None  # (‖G‖₂², stacked per-tensor weights and Grams) of the plain solve, for the bound
         if aware:
             weights, stats, grads = self._aware_step(grams, X, steps, nb, B)
         else:
-            weights, stats = self._plain_weights(grams, nb, B)
+            weights, stats, solved = self._plain_solve(grams, nb, B, stacked)
             grads = None
         if grads is None and X is not None:
             grads = {n: self._combine_from(X[n], weights[n] if isinstance(weights, dict) else weights, p)
@@ -467,7 +494,7 @@ class OrthoGrad:
             for n, p in self.named:
                 p.grad = grads[n].to(p.dtype).view(p.shape)
         params = [p for _, p in self.named if p.grad is not None]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, float("inf")))
+        grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params]))  # clip_grad_norm_'s
         if not math.isfinite(grad_norm):
             raise NonFiniteGradientError(f"the OrthoGrad update has a non-finite norm ({grad_norm})")
         if not aware and self.max_grad_norm is not None and grad_norm > self.max_grad_norm:
@@ -475,9 +502,12 @@ class OrthoGrad:
             for p in params:
                 p.grad.mul_(scale)
         before = {n: p.detach().clone() for n, p in self.named} if X is not None else None
-        written = {n: p.grad.detach().double() for n, p in self.named if p.grad is not None}
+        # ‖written gradient‖ in fp64, for the bound (a step the optimizer model covers)
+        dnorm = math.sqrt(float(_norms64([p.grad for p in params]).square().sum())) if why is None else None
         self.optimizer.step()
-        if not all(bool(torch.isfinite(p).all()) for _, p in self.named):
+        with torch.no_grad():  # the finiteness check gives ‖θ‖² for the bound on the way
+            finite, theta_sq = _finite_sq_norm([p for _, p in self.named])
+        if not finite:
             if before is not None:
                 with torch.no_grad():
                     for n, p in self.named:
@@ -489,7 +519,8 @@ class OrthoGrad:
             )
         if post:
             stats.update(self._project_step(grams, X, before, nb))
-        stats.update(self._step_stats(grams, X, before, written, weights, steps, why, nb))
+            theta_sq = None  # the projection moved θ again
+        stats.update(self._step_stats(grams, X, before, dnorm, weights, steps, why, nb, solved, theta_sq))
         stats["grad_norm"] = grad_norm
         stats["step_time"] = time.perf_counter() - t0
         stats.update({"forget_loss": forget_loss, "retain_loss": retain_loss})
@@ -520,17 +551,27 @@ class OrthoGrad:
     def _plain_weights(self, grams: dict, nb: int, B: int):
         """The written gradient's projection (module docstring, steps 3-4): combination
         weights (S,) or {name: (S,)}, and the solve's stats."""
+        weights, stats, _ = self._plain_solve(grams, nb, B)
+        return weights, stats
+
+    def _plain_solve(self, grams: dict, nb: int, B: int, stacked: torch.Tensor | None = None):
+        """``_plain_weights`` and (‖G‖₂², the per-tensor weights stacked (L, S) and Grams
+        stacked (L, S, S), or None, None for global), which the step's bound reuses
+        (``_step_stats``). stacked: the Grams of ``grams``
+        stacked in their order (L, S, S), when the caller has them."""
+        W = G = None
         if self.granularity == "global":
             gram = sum(grams.values())
             weights, c, rank, Gr, rr, gg = self._weights(gram, nb, B)
             coef_sq = float(c @ c)
             norm_sq = _spectral_sq(gram[:nb, :nb])
         else:  # one stacked (L, S, S) solve for the L tensors
-            G = torch.stack(list(grams.values()))  # [L, S, S]
+            G = torch.stack(list(grams.values())) if stacked is None else stacked  # [L, S, S]
             K, b, gg_l = G[:, :nb, :nb], G[:, :nb, nb], G[:, nb, nb]
-            caps = torch.tensor([self._numel.get(n, nb) for n in grams])
+            caps = self._caps(grams, nb)
             c, ranks, Gr_l, rr_l = _solve_batched(K, b, gg_l, self.rtol, caps)
-            weights = dict(zip(grams, self._combination(c, nb, B).unbind(0)))
+            W = self._combination(c, nb, B)  # [L, S]
+            weights = dict(zip(grams, W.unbind(0)))
             rank, coef_sq = int(ranks.sum()), float((c * c).sum())
             Gr, rr, gg = Gr_l.sum(0), rr_l.sum(), gg_l.sum()
             norm_sq = _spectral_sq(K.sum(0))
@@ -541,7 +582,15 @@ class OrthoGrad:
             "solve_orthogonality": float(Gr.norm()) / denom if denom > 0 else 0.0,
             "kept": (float(rr) / float(gg)) ** 0.5 if float(gg) > 0 else 0.0,
             "fixed_point_iters": 0,
-        }
+        }, (norm_sq, W, G)
+
+    def _caps(self, grams: dict, nb: int) -> torch.Tensor:
+        """(L,) rank caps of the per-tensor solves (``_solve_batched``), made once per name
+        order."""
+        key = (tuple(grams), nb)
+        if getattr(self, "_caps_cache", (None,))[0] != key:
+            self._caps_cache = (key, torch.tensor([self._numel.get(n, nb) for n in grams]))
+        return self._caps_cache[1]
 
     @staticmethod
     def _combine_from(Xi: tuple, w: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -655,7 +704,7 @@ class OrthoGrad:
             "kept": (float(rr) / float(gg)) ** 0.5 if float(gg) > 0 else 0.0,
         }
 
-    def _step_stats(self, grams, X, before, written, weights, steps, why, nb) -> dict:
+    def _step_stats(self, grams, X, before, dnorm, weights, steps, why, nb, solved=None, theta_sq=None) -> dict:
         """What the step achieved: measured on the actual Δθ when the per-segment gradients
         are at hand (the optimizer-aware path, or measure=True), else an honest bound.
 
@@ -667,45 +716,73 @@ class OrthoGrad:
         ``orthogonality`` is the measured value when there is one, else the bound; NaN for a
         step the optimizer model does not cover (unmodelled, or optimizer_aware=False) and
         that is not measured (measure=True or project_step=True measure it).
+
+        dnorm: ‖written gradient‖ (fp64; None when why is set). solved: ``_plain_solve``'s
+        (‖G‖₂², per-tensor weights (L, S), Grams (L, S, S); None for global), so that the
+        bound needs no second eigen-solve and no loop over the tensors. theta_sq: ‖θ‖² after
+        the step (fp64), when the caller has it.
         """
         out = {"optimizer": "unmodelled" if why and why != "optimizer_aware=False" else
                ("not modelled (optimizer_aware=False)" if why else type(self.optimizer).__name__)}
-        K = sum(grams[n][:nb, :nb] for n, _ in self.named)
-        g_norm = torch.diagonal(K).clamp_min(0).sqrt()  # ‖g_i‖
-        G2 = _spectral_sq(K) ** 0.5
-        if X is not None and self.alpha > 0:  # measured: the whole step (it descends on purpose);
-            out.update(self._step_stats_measured(X, before, K, g_norm, G2, nb))  # bound: the ascent part
-            out.update({k: v for k, v in self._step_stats(grams, None, before, written, weights, steps, why,
-                                                          nb).items() if k != "optimizer"})
-            return out
         if X is not None:
+            K = sum(grams[n][:nb, :nb] for n, _ in self.named)
+            g_norm = torch.diagonal(K).clamp_min(0).sqrt()  # ‖g_i‖
+            G2 = _spectral_sq(K) ** 0.5
             out.update(self._step_stats_measured(X, before, K, g_norm, G2, nb))
-            out["orthogonality"] = out["step_orthogonality"]
+            if self.alpha > 0:  # measured: the whole step (it descends on purpose); bound: the ascent part
+                out.update({k: v for k, v in self._step_stats(grams, None, before, dnorm, weights, steps, why,
+                                                              nb, theta_sq=theta_sq).items() if k != "optimizer"})
+            else:
+                out["orthogonality"] = out["step_orthogonality"]
             return out
         if why is not None:  # a step that is not modelled has no bound from the Grams: unknown
             out["orthogonality"] = float("nan")  # (measure=True or project_step=True measure it)
             return out
+        names = [n for n, _ in self.named]
+        norm_sq, W, Gst = solved if solved is not None else (None, None, None)
+        per_tensor = isinstance(weights, dict)
+        if per_tensor:  # one (L, S, S) stack and (L, S) weights, in the moved tensors' order
+            if W is None or Gst is None or list(grams) != names:
+                Gst = torch.stack([grams[n] for n in names])
+                W = torch.stack([weights[n] for n in names])
+            W = W.to(Gst.dtype)
         if self.alpha > 0:  # the bound of the ascent part −(1−α)·g_u⊥ (the α part descends on purpose)
-            weights = ({n: self._ascent_part(w, nb) for n, w in weights.items()} if isinstance(weights, dict)
-                       else self._ascent_part(weights, nb))
-        u = max(torch.finfo(p.dtype).eps for _, p in self.named)
-        dnorm = math.sqrt(sum(float((v * v).sum()) for v in written.values()))
-        diag = torch.diagonal(sum(grams.values())).clamp_min(0).sqrt()
-        if isinstance(weights, dict):
-            wabs = sum(weights[n].abs() * torch.diagonal(grams[n]).clamp_min(0).sqrt() for n, _ in self.named)
-            comb_err = float(wabs.sum())
+            if per_tensor:
+                W = W.clone()
+                W[:, :nb] -= self.alpha / self._B
+            else:
+                weights = self._ascent_part(weights, nb)
+        u = self._unit_roundoff()
+        if per_tensor:
+            comb_err = float((W.abs() * torch.diagonal(Gst, dim1=-2, dim2=-1).clamp_min(0).sqrt()).sum())
+            GW = (Gst @ W[:, :, None]).squeeze(-1)  # [L, S]: each tensor's Gram times its weights
+            Gd, dd = GW[:, :nb].sum(0), float((GW * W).sum())
+            if norm_sq is None:
+                norm_sq = _spectral_sq(Gst[:, :nb, :nb].sum(0))
         else:
-            comb_err = float((weights.abs() * diag).sum())
+            Kt = sum(grams.values())
+            comb_err = float((weights.abs() * torch.diagonal(Kt).clamp_min(0).sqrt()).sum())
+            Gd, dd = Kt[:nb] @ weights.to(Kt.dtype), float(weights @ Kt @ weights)
+            if norm_sq is None:
+                norm_sq = _spectral_sq(Kt[:nb, :nb])
         rows = int(self.engine._step.seg.N) if getattr(self.engine, "_step", None) is not None else 1
-        bound, d_norm = self._solve_orth(weights, grams, nb)
+        den = (norm_sq * max(dd, 0.0)) ** 0.5
+        bound, d_norm = (float(Gd.norm()) / den if den > 0 else 0.0), max(dd, 0.0) ** 0.5
         if d_norm > 0 and dnorm > 0:
             bound += u * math.sqrt(rows) * comb_err / d_norm
-            theta = math.sqrt(sum(float((p.detach().double() ** 2).sum()) for _, p in self.named))
+            if theta_sq is None:
+                with torch.no_grad():
+                    theta_sq = float(_norms64([p for _, p in self.named]).square().sum())
+            theta = math.sqrt(theta_sq)
             lr = max(float(g["lr"]) for g in self.optimizer.param_groups)
             bound += u * theta / (lr * dnorm) if lr > 0 else 0.0
         out["step_orthogonality_bound"] = bound
         out["orthogonality"] = bound
         return out
+
+    def _unit_roundoff(self) -> float:
+        """The largest eps of the moved tensors' dtypes."""
+        return max(torch.finfo(p.dtype).eps for _, p in self.named)
 
     def _project_step(self, grams: dict, X: dict, before: dict, nb: int) -> dict:
         """Project the optimizer's actual step onto the orthogonal complement of the retain
@@ -776,16 +853,3 @@ class OrthoGrad:
         cos = torch.where(den > 0, GD.abs() / den.clamp_min(1e-300), torch.zeros_like(GD))
         out["step_cosine_max"] = float(cos.max()) if cos.numel() else 0.0
         return out
-
-    def _solve_orth(self, weights, grams, nb) -> tuple[float, float]:
-        """(‖G d‖/(‖G‖₂‖d‖), ‖d‖) of the direction d = Σ_s w_s g_s, from the Grams (fp64)."""
-        if isinstance(weights, dict):
-            Gd = sum(grams[n][:nb] @ weights[n].to(grams[n].dtype) for n, _ in self.named)
-            dd = sum(float(weights[n] @ grams[n] @ weights[n]) for n, _ in self.named)
-        else:
-            Kt = sum(grams.values())
-            Gd, dd = Kt[:nb] @ weights.to(Kt.dtype), float(weights @ Kt @ weights)
-        K = sum(grams[n][:nb, :nb] for n, _ in self.named)
-        den = (_spectral_sq(K) * max(dd, 0.0)) ** 0.5
-        return (float(Gd.norm()) / den if den > 0 else 0.0), max(dd, 0.0) ** 0.5
-
