@@ -156,11 +156,21 @@ class SampleGram(Assignment, Capture, SafetyNet, Fallbacks):
         self._bn = [(p, m) for p, m in model.named_modules() if isinstance(m, _BatchNorm)]
         self._step: _Step | None = None
         self._row_models: dict = {}  # input signature -> rows.RowModel (capture.py, rows.py)
+        self._last_segments: tuple | None = None  # (num_segments, Segments) of the last record()
         self._closed = False
         self._probe_vectors = self._make_probe_vectors()
 
     # ---------------------------------------------------------------- record
     def _segments(self, segments, num_segments) -> Segments:
+        """Checked ``Segments`` of a record() call. The same ids as the previous call's (an
+        OrthoGrad step's every time) give the previous object back, so that the row plans
+        it memoises (Segments.memo) are made once, not every step."""
+        last = self._last_segments
+        if (last is not None and isinstance(segments, torch.Tensor) and segments.dtype == torch.long
+                and (num_segments is None or type(num_segments) is int) and num_segments == last[0]
+                and segments.shape == last[1].ids.shape and segments.device == last[1].ids.device
+                and torch.equal(segments, last[1].ids)):
+            return last[1]
         if not isinstance(segments, torch.Tensor):
             segments = torch.as_tensor(segments)
         if segments.dim() != 1:
@@ -183,7 +193,10 @@ class SampleGram(Assignment, Capture, SafetyNet, Fallbacks):
                 raise ValueError(
                     f"segment id {hi} is out of range for num_segments={S} (ids must be in [0, {S}) or -1)"
                 )
-        return Segments(ids, S)
+        seg = Segments(ids, S)
+        if num_segments is None or type(num_segments) is int:
+            self._last_segments = (num_segments, seg)
+        return seg
 
     @contextlib.contextmanager
     def record(self, segments, num_segments: int | None = None):
@@ -264,13 +277,18 @@ class SampleGram(Assignment, Capture, SafetyNet, Fallbacks):
         """
         step = self._finished_step("gram")
         S = step.seg.S
-        out = {}
-        for gname, p in self._tracked.items():
-            K = step.grams.get(gname)
-            out[gname] = (
-                torch.zeros((S, S), dtype=torch.float64, device=p.device) if K is None else K.clone()
-            )
-        bad = [g for g, K in out.items() if not bool(torch.isfinite(K).all())]
+        out = self._stacked_grams(step)
+        if out is None:
+            out = {}
+            for gname, p in self._tracked.items():
+                K = step.grams.get(gname)
+                out[gname] = (
+                    torch.zeros((S, S), dtype=torch.float64, device=p.device) if K is None else K.clone()
+                )
+            bad = [g for g, K in out.items() if not bool(torch.isfinite(K).all())]
+        else:
+            out, finite = out
+            bad = [] if finite else [g for g, K in out.items() if not bool(torch.isfinite(K).all())]
         if bad:
             raise NonFiniteGramError(
                 f"SampleGram.gram(): the per-sample Gram of {bad[:5]}{' ...' if len(bad) > 5 else ''} has "
@@ -283,6 +301,16 @@ class SampleGram(Assignment, Capture, SafetyNet, Fallbacks):
         for K in out.values():
             total += K.to(dev)
         return total
+
+    def _stacked_grams(self, step: _Step):
+        """({name: (S, S)} as views of one fresh (L, S, S) copy of the step's Grams, whether
+        all are finite), checked by one isfinite over the copy; None when some parameter
+        has no Gram or they sit on several devices (``gram`` then copies them one by one)."""
+        Ks = [step.grams.get(g) for g in self._tracked]
+        if not Ks or any(K is None for K in Ks) or len({K.device for K in Ks}) > 1:
+            return None
+        stacked = torch.stack(Ks)  # [L, S, S]
+        return dict(zip(self._tracked, stacked.unbind(0))), bool(torch.isfinite(stacked).all())
 
     def segment_grads(self, names=None) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
         """The per-segment gradients themselves, exact, for the served parameters ``names``
@@ -346,9 +374,26 @@ class SampleGram(Assignment, Capture, SafetyNet, Fallbacks):
                     f"per-tensor combine weights must name every served parameter exactly: "
                     f"missing {sorted(missing)}, unknown {sorted(extra)}"
                 )
+            fast = self._checked_weights_at_once(weights, S)
+            if fast is not None:
+                return fast
             return {g: vec(weights[g], f"[{g!r}]") for g in self._tracked}
         w = vec(weights, "")
         return {g: w for g in self._tracked}
+
+    def _checked_weights_at_once(self, weights: dict, S: int) -> dict[str, torch.Tensor] | None:
+        """Per-tensor weights that are all fp64 (S,) tensors on one device and all finite
+        (what OrthoGrad passes), as views of one (L, S) copy: checked by one isfinite instead
+        of one per parameter. None otherwise: ``_weights`` then checks them one by one and
+        names the first bad one."""
+        ws = [weights[g] for g in self._tracked]
+        if not ws or not all(isinstance(w, torch.Tensor) and w.dtype == torch.float64 and w.dim() == 1
+                             and w.shape[0] == S for w in ws) or len({w.device for w in ws}) > 1:
+            return None
+        stacked = torch.stack([w.detach() for w in ws])  # [L, S]
+        if not bool(torch.isfinite(stacked).all()):
+            return None
+        return dict(zip(self._tracked, stacked.unbind(0)))
 
     def combine(self, weights) -> None:
         """Write Σ_s weights[s]·g_s into ``p.grad`` of every served parameter.

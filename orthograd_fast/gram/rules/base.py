@@ -102,8 +102,9 @@ class Segments:
         self._memo: dict = {}
 
     def memo(self, key, make):
-        """``make()``, computed once per record() step (row plans and segment maps that
-        every layer of the step shares)."""
+        """``make()``, computed once for these ids (row plans and segment maps that every
+        layer of a step shares; the engine reuses a Segments across record() calls with
+        equal ids, so a value here must depend on the ids, S and ``key`` only)."""
         if key not in self._memo:
             self._memo[key] = make()
         return self._memo[key]
@@ -129,8 +130,9 @@ class Segments:
         return self._on(device)[0] >= 0
 
     def ignored_rows(self, device) -> torch.Tensor:
-        """(n,) indices of the ignored rows (id -1)."""
-        return (self._on(device)[0] < 0).nonzero().flatten()
+        """(n,) indices of the ignored rows (id -1), made once per device (``memo``)."""
+        return self.memo(("ignored_rows", torch.device(device)),
+                         lambda: (self._on(device)[0] < 0).nonzero().flatten())
 
     def row_weights(self, w: torch.Tensor, device, dtype) -> torch.Tensor:
         """(N,) weight of each row's segment (0 for ignored rows) from w: (S,)."""

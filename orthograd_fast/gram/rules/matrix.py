@@ -273,6 +273,20 @@ def _make_plan(seg: Segments, device):
     return singles, ids[singles], multi
 
 
+def _explicit_chunks(seg: Segments, device, rows: int):
+    """``gram_explicit``'s row chunks for at most ``rows`` rows at a time (memoised per
+    Segments): [(rows of the batch, rows of X)] of the one-row segments, [(s, [rows])] of
+    the multi-row ones (slices where the rows are one ascending run), and the allocator of
+    X (torch.empty when every segment gets written)."""
+    singles, single_ids, multi = _plan(seg, device)
+    chunks = []  # (rows of the batch, rows of X) per chunk of one-row segments
+    for r0 in range(0, singles.numel(), rows):
+        chunks.append((as_slice(singles[r0 : r0 + rows]), as_slice(single_ids[r0 : r0 + rows])))
+    multi = [(s, [as_slice(srows[r0 : r0 + rows]) for r0 in range(0, srows.numel(), rows)]) for s, srows in multi]
+    alloc = torch.empty if singles.numel() + len(multi) == seg.S else torch.zeros  # all written?
+    return chunks, multi, alloc
+
+
 def storable(calls: Sequence[MatrixRows], seg: Segments, opts: GramOptions) -> bool:
     """Whether the layer's (S, G, p, d) segment gradients may be kept (module docstring):
     no more elements than the calls hold, or than one tile of the budget."""
@@ -327,12 +341,8 @@ def gram_explicit(
         td = min(d, max(1, budget // (S * G)))
         tp = min(p, max(1, budget // (S * G * td)))
     rows = max(1, budget // (G * max(tp * td, (tp + td) * c0.T)))
-    singles, single_ids, multi = _plan(seg, device)
-    chunks = []  # (rows of the batch, rows of X) per chunk of one-row segments
-    for r0 in range(0, singles.numel(), rows):
-        chunks.append((as_slice(singles[r0 : r0 + rows]), as_slice(single_ids[r0 : r0 + rows])))
-    multi = [(s, [as_slice(srows[r0 : r0 + rows]) for r0 in range(0, srows.numel(), rows)]) for s, srows in multi]
-    alloc = torch.empty if singles.numel() + len(multi) == S else torch.zeros  # all written?
+    chunks, multi, alloc = seg.memo(("explicit_chunks", torch.device(device), rows),
+                                    lambda: _explicit_chunks(seg, device, rows))
     for p0 in range(0, p, tp):
         p1 = min(p, p0 + tp)
         for d0 in range(0, d, td):
