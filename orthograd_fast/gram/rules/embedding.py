@@ -69,6 +69,11 @@ class EmbeddingRule(Rule):
             T = v.numel() // max(N, 1)
             r = torch.arange(N, device=v.device).repeat_interleave(T)
             D = g.reshape(-1, E)
+            if pad is None and (not kept_only or seg.all_kept):  # every position: no mask, no copy
+                vs.append(v)
+                rs.append(r)
+                ds.append(D)
+                continue
             mask = torch.ones_like(v, dtype=torch.bool) if pad is None else v != pad
             if kept_only:
                 mask &= seg.ids_on(v.device)[r] >= 0
@@ -77,11 +82,35 @@ class EmbeddingRule(Rule):
             ds.append(D[mask])
         if not vs:
             return None
+        if len(vs) == 1:
+            return vs[0], rs[0], ds[0]
         return torch.cat(vs), torch.cat(rs), torch.cat(ds)
+
+    def _step_flat(self, calls, seg: Segments, kept_only: bool):
+        """``_flat``, formed once per step and kept in the first call's cache (grams, probe
+        and combine read the same positions; with every row kept, the kept positions are
+        all of them). The calls' inputs are version-checked by the engine before each use."""
+        if not calls:
+            return None
+        kept_only = kept_only and not seg.all_kept
+        key = ("embedding_flat", kept_only, len(calls))
+        cache = calls[0].cache
+        if key not in cache:
+            cache[key] = self._flat(calls, seg, kept_only)
+        return cache[key]
+
+    def _step_vocab(self, calls, seg: Segments, v: torch.Tensor):
+        """(present vocabulary ids (U,), each kept position's index in them (F,)) of the kept
+        positions v, once per step (first call's cache)."""
+        key = ("embedding_vocab", len(calls))
+        cache = calls[0].cache
+        if key not in cache:
+            cache[key] = torch.unique(v, return_inverse=True)
+        return cache[key]
 
     def grams(self, calls, seg: Segments, opts: GramOptions, tiles=None):
         gw = self.local("weight")
-        flat = self._flat(calls, seg, kept_only=True)
+        flat = self._step_flat(calls, seg, kept_only=True)
         if gw is None or flat is None:
             return {}
         v, r, D = flat
@@ -93,7 +122,7 @@ class EmbeddingRule(Rule):
         self.methods[gw] = "embedding:explicit"
         if S == 0 or v.numel() == 0:
             return {gw: K}
-        uniq, inv = torch.unique(v, return_inverse=True)
+        uniq, inv = self._step_vocab(calls, seg, v)
         U = uniq.numel()
         keys, kinv = torch.unique(s * U + inv, return_inverse=True)  # (segment, vocab) pairs
         Zc = segment_sum(D, kinv, keys.numel())  # [pairs, E]
@@ -111,7 +140,7 @@ class EmbeddingRule(Rule):
         """The present vocabulary rows only: X (S, U·E) over the U rows that occur, with
         their flat entries as the index (the other rows are zero in every segment)."""
         gw = self.local("weight")
-        flat = self._flat(calls, seg, kept_only=True)
+        flat = self._step_flat(calls, seg, kept_only=True)
         if gw is None:
             return {}
         E = self.module.weight.shape[1]
@@ -120,7 +149,7 @@ class EmbeddingRule(Rule):
             return {gw: (torch.zeros((seg.S, 0), device=dev), torch.zeros(0, dtype=torch.long, device=dev))}
         v, r, D = flat
         D = D.to(compute_dtype(D))
-        uniq, inv = torch.unique(v, return_inverse=True)
+        uniq, inv = self._step_vocab(calls, seg, v)
         U = uniq.numel()
         s = seg.ids_on(v.device)[r]
         X = segment_sum(D, s * U + inv, seg.S * U).view(seg.S, U * E)
@@ -130,20 +159,20 @@ class EmbeddingRule(Rule):
     def combine(self, calls, seg: Segments, weights, totals):
         gw = self.local("weight")
         W = self.module.weight
-        flat = self._flat(calls, seg, kept_only=True)
+        flat = self._step_flat(calls, seg, kept_only=True)
         if gw is None or flat is None:
             return {}
         v, r, D = flat
         dtype = compute_dtype(D)
         wr = seg.row_weights(weights[gw], D.device, dtype)[r]
-        uniq, inv = torch.unique(v, return_inverse=True)
+        uniq, inv = self._step_vocab(calls, seg, v)
         out = torch.zeros(W.shape, dtype=dtype, device=D.device)
         out[uniq] = segment_sum(D.to(dtype) * wr[:, None], inv, uniq.numel())
         return {gw: out}
 
     def probe(self, calls, seg: Segments, probes: dict[str, Probe], tiles=None) -> None:
         gw = self.local("weight")
-        flat = self._flat(calls, seg, kept_only=False)
+        flat = self._step_flat(calls, seg, kept_only=False)
         if gw is None or flat is None:
             return
         v, _, D = flat
