@@ -94,6 +94,30 @@ class NonFiniteGramError(FloatingPointError):
     """NaN/Inf in a per-sample Gram (``SampleGram.gram``)."""
 
 
+class _WeightCasts:
+    """combine()'s weights in a tile's device and dtype, each cast made once: per-tensor
+    weights stacked as one (L, S) tensor are cast together (one op, not one per parameter),
+    and one weight vector shared by every parameter (global weights) once per (device,
+    dtype). Elementwise the same values as casting each vector on its own."""
+
+    def __init__(self, W: dict[str, torch.Tensor], stacked: torch.Tensor | None):
+        self.W, self.stacked, self.memo = W, stacked, {}
+
+    def __call__(self, name: str, device, dtype) -> torch.Tensor:
+        w = self.W[name]
+        if w.device == torch.device(device) and w.dtype == dtype:
+            return w
+        if self.stacked is not None:
+            key = ("stack", torch.device(device), dtype)
+            if key not in self.memo:
+                self.memo[key] = dict(zip(self.W, self.stacked.to(device, dtype).unbind(0)))
+            return self.memo[key][name]
+        key = (id(w), torch.device(device), dtype)
+        if key not in self.memo:
+            self.memo[key] = w.to(device, dtype)
+        return self.memo[key]
+
+
 class SampleGram(Assignment, Capture, SafetyNet, Fallbacks):
     """Per-segment gradient Gram engine (module docstring).
 
@@ -157,6 +181,7 @@ class SampleGram(Assignment, Capture, SafetyNet, Fallbacks):
         self._step: _Step | None = None
         self._row_models: dict = {}  # input signature -> rows.RowModel (capture.py, rows.py)
         self._last_segments: tuple | None = None  # (num_segments, Segments) of the last record()
+        self._weights_stack: torch.Tensor | None = None  # per-tensor combine weights as one (L, S)
         self._closed = False
         self._probe_vectors = self._make_probe_vectors()
 
@@ -393,6 +418,7 @@ class SampleGram(Assignment, Capture, SafetyNet, Fallbacks):
         stacked = torch.stack([w.detach() for w in ws])  # [L, S]
         if not bool(torch.isfinite(stacked).all()):
             return None
+        self._weights_stack = stacked  # combine casts it once, not once per parameter
         return dict(zip(self._tracked, stacked.unbind(0)))
 
     def combine(self, weights) -> None:
@@ -416,6 +442,7 @@ class SampleGram(Assignment, Capture, SafetyNet, Fallbacks):
                 "Σ_r sg.row_weights(weights)[r] * loss_r yourself. Per-tensor weights need mode='store'."
             )
         step = self._finished_step("combine")
+        self._weights_stack = None
         W = self._weights(weights, step.seg.S)
         grads: dict[str, torch.Tensor] = {}
         totals = {}
@@ -430,12 +457,13 @@ class SampleGram(Assignment, Capture, SafetyNet, Fallbacks):
                 grads.update(
                     rule.combine(calls, step.seg, {g: W[g] for g in names}, {g: totals.get(g) for g in names})
                 )
+        cast = _WeightCasts(W, self._weights_stack)
         for gname, X in step.tiles.items():  # (S, numel): Σ_s w_s X_s, into .grad's buffer if free
-            w, t = W[gname].to(X.device, X.dtype), totals.get(gname)
+            w, t = cast(gname, X.device, X.dtype), totals.get(gname)
             out = t.view(-1) if t is not None and t.dtype == X.dtype and t.is_contiguous() else None
             grads[gname] = torch.mv(X.T, w, out=out) if out is not None else torch.mv(X.T, w)
         for gname, X in step.seg_grads.items():
-            grads[gname] = torch.tensordot(W[gname].to(X.device, X.dtype), X, dims=1)
+            grads[gname] = torch.tensordot(cast(gname, X.device, X.dtype), X, dims=1)
         for gname, p in self._tracked.items():
             g = grads.get(gname)
             p.grad = torch.zeros_like(p) if g is None else g.reshape(p.shape).to(p.dtype)
