@@ -77,6 +77,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import batches as _batches
+from .gram.rules.base import all_finite
 from .linalg import _single_thread
 from .optimizers import describe, is_plain
 from .modes import eval_modes
@@ -431,7 +432,8 @@ class OrthoGrad:
         segments = torch.cat([seg_r, torch.full((Fn,), nb, dtype=torch.long, device=dev)])
         pdt = self.named[0][1].dtype
         for what, t in (("retain batch", xr), ("forget batch", xf)):
-            _batches.check_finite(t, what)
+            if not all(all_finite(v) for _, v in _batches.leaves(t) if isinstance(v, torch.Tensor)):
+                _batches.check_finite(t, what)  # names the rows (one aminmax per input leaf first)
             _batches.check_dtype(t, pdt, what)
         problem = _batches.align_problem(xf, xr)
         if problem is not None:

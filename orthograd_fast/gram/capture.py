@@ -62,7 +62,7 @@ from .rows import DIM0, LAYOUT, WHOLE, SHARED, CallRows, OutputRows, RowCheckErr
 from .rows import check_rows, flat
 from .rows import per_row_inputs, signature
 from .rules import Probe, Rule, Segments
-from .rules.base import Call
+from .rules.base import Call, all_finite
 from .rules.traced import ParamTracer, traced_row_grads
 
 try:  # set while a torch.compile'd callable runs (None/False otherwise)
@@ -212,7 +212,7 @@ class Capture:
         for path, m in self._bn:  # the clearest message first (safety.py)
             self._check_bn(step, path, m, args)
         for i, x in enumerate(tree_flatten((args, kwargs))[0]):
-            if isinstance(x, torch.Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            if isinstance(x, torch.Tensor) and x.is_floating_point() and not all_finite(x):
                 rows = (~torch.isfinite(x)).reshape(x.shape[0], -1).any(1).nonzero().flatten()[:5].tolist() if x.dim() else []
                 raise ValueError(
                     f"SampleGram: input {i} of the model {tuple(x.shape)} has NaN/Inf (rows {rows} of dim 0): "
