@@ -179,11 +179,15 @@ def _solve_batched(K: torch.Tensor, b: torch.Tensor, gg: torch.Tensor, rtol: flo
         if max_rank is not None:
             max_rank = max_rank.to(device=C.device, dtype=torch.long)
             full &= max_rank >= n
-        if bool(full.any()):
+        n_full = int(full.sum())
+        if n_full == C.shape[0]:  # all certified (the common per-tensor case): no gather/scatter
+            inv_C = torch.cholesky_inverse(torch.linalg.cholesky(C))
+            rank.fill_(n)
+        elif n_full:
             inv_C[full] = torch.cholesky_inverse(torch.linalg.cholesky(C[full]))
             rank[full] = n
         rest = ~full
-        if bool(rest.any()):
+        if n_full < C.shape[0]:
             lam, V = torch.linalg.eigh(C[rest])  # ascending
             lam_max = lam[:, -1].clamp_min(0)
             keep = (lam > (rtol * rtol) * lam_max[:, None]) & (lam_max[:, None] > 0)
