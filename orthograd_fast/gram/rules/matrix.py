@@ -560,9 +560,14 @@ def _explicit_bias_rows(
     explicit segment sums Xb (S, G·p) of the per-row bias gradients: Kb[which] = Xb[which]·Xbᵀ
     (the explicit path's arithmetic; its diagonal a sum of squares)."""
     dev = Kb.device
-    rows = sum(c.bias_rows() for c in calls)  # [N, G·p]
-    kept = seg.kept_on(dev)
-    Xb = rows.new_zeros((seg.S, rows.shape[1])).index_add_(0, seg.ids_on(dev)[kept], rows[kept])  # [S, G·p]
+    rows = calls[0].bias_rows()  # [N, G·p]
+    for c in calls[1:]:
+        rows = rows + c.bias_rows()
+    ids = seg.ids_on(dev)
+    if not seg.all_kept:
+        kept = seg.kept_on(dev)
+        ids, rows = ids[kept], rows[kept]
+    Xb = rows.new_zeros((seg.S, rows.shape[1])).index_add_(0, ids, rows)  # [S, G·p]
     if precision == "high":
         Xb = Xb.double()
     R = (Xb[which] @ Xb.T).double()  # [w, S]
