@@ -130,9 +130,12 @@ class EmbeddingRule(Rule):
         chunk = max(1, opts.budget // max(1, S * E))
         for c0 in range(0, U, chunk):
             c1 = min(U, c0 + chunk)
-            sel = (kv >= c0) & (kv < c1)
             Z = D.new_zeros((S * (c1 - c0), E))
-            Z[ks[sel] * (c1 - c0) + kv[sel] - c0] = Zc[sel]
+            if c1 - c0 == U:  # one chunk: every pair, no selection
+                Z[ks * U + kv] = Zc
+            else:
+                sel = (kv >= c0) & (kv < c1)
+                Z[ks[sel] * (c1 - c0) + kv[sel] - c0] = Zc[sel]
             K += gram_of_segment_tiles(Z.view(S, -1), opts.precision)
         return {gw: K}
 
