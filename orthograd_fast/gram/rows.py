@@ -229,6 +229,12 @@ def classify_output(dY: Verdict | None, dD: Verdict | None, const: list | None =
                                   "interact before or inside this module")
     if dD is None or dD.kind == EMPTY:  # row r0 sends no gradient here (a ReLU closed for it...)
         L = _merge(dY, None)
+        if L is None and dY is not None and dY.kind == EMPTY and dD is not None:
+            # neither its value nor the two rows' gradients show rows (a weight computed by a
+            # parametrization, reached only through positions the check's rows do not read):
+            # handled as shared, its parameters followed op by op to where they meet the rows
+            # (the op tracer, whose split the check verifies; else the exact per-row re-run)
+            return OutputRows(kind=SHARED)
         return OutputRows() if L is None else OutputRows(layout=L, kind=LAYOUT)
     if dD.kind == SPREAD:
         if dY is not None and dY.kind == EMPTY:
